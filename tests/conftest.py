@@ -1,0 +1,31 @@
+"""Session fixtures: a tiny random mBART with a sentencepiece tokenizer trained on shared data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eval.data import data_root, read_lines, test_pair_paths
+
+# Languages whose real sentences the parity tests use.
+PARITY_LANGS = ["en", "zh", "ar", "ru", "hi", "de", "sw"]
+
+
+def pytest_configure(config):
+    if not (data_root() / "test").is_dir():
+        raise pytest.UsageError(f"shared data not found at {data_root()} (set MT_DATA_ROOT)")
+
+
+@pytest.fixture(scope="session")
+def tiny_mbart_dir(tmp_path_factory) -> Path:
+    """HF directory of a tiny random MBartForConditionalGeneration + MBart50Tokenizer."""
+    from convert.tiny import build_tiny_mbart
+
+    return build_tiny_mbart(tmp_path_factory.mktemp("tiny_mbart"))
+
+
+def real_sentences(lang: str, n: int, offset: int = 0) -> list[str]:
+    """`n` real sentences in `lang` from the test set (source side of `<lang>-en`, or en-zh for en)."""
+    pair = "en-zh" if lang == "en" else f"{lang}-en"
+    return read_lines(test_pair_paths(pair)[0])[offset : offset + n]
