@@ -48,14 +48,18 @@ def build_tiny_mbart(out_dir: Path, seed: int = 0, **overrides) -> Path:
         vocab_size=len(tok), **{**TINY_DIMS, **overrides}, scale_embedding=True,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=tok.eos_token_id,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=0.5,
     )
     torch.manual_seed(seed)
     model = MBartForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # random LayerNorm/bias values so a dropped or swapped one changes outputs
+    with torch.no_grad():
+        # Random LayerNorm/bias values, so that a dropped or swapped one changes outputs; a large
+        # init and a stronger EOS row make greedy and beam outputs diverse and end at varied lengths,
+        # so EOS handling and beam bookkeeping are exercised rather than 24 copies of one token.
         for name, p in model.named_parameters():
             if name.endswith("bias") or "layer_norm" in name or "layernorm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+        model.model.shared.weight[cfg.eos_token_id] *= 1.5
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir

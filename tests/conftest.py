@@ -29,3 +29,25 @@ def real_sentences(lang: str, n: int, offset: int = 0) -> list[str]:
     """`n` real sentences in `lang` from the test set (source side of `<lang>-en`, or en-zh for en)."""
     pair = "en-zh" if lang == "en" else f"{lang}-en"
     return read_lines(test_pair_paths(pair)[0])[offset : offset + n]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_factory(tiny_mbart_dir, tmp_path_factory):
+    """`make(tp=1, dtype="float32")` -> the tiny mBART converted to a TRT-LLM checkpoint (cached)."""
+    from convert.__main__ import convert_checkpoint
+
+    cache: dict[tuple[int, str], Path] = {}
+
+    def make(tp: int = 1, dtype: str = "float32") -> Path:
+        if (tp, dtype) not in cache:
+            out = tmp_path_factory.mktemp("ckpt") / f"tiny-tp{tp}-{dtype}"
+            cache[tp, dtype] = convert_checkpoint(str(tiny_mbart_dir), out, tp, dtype, progress=False)
+        return cache[tp, dtype]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_ckpt_factory) -> Path:
+    """The tiny mBART converted with TP=1 in float32."""
+    return tiny_ckpt_factory(1, "float32")

@@ -1,0 +1,310 @@
+"""The iteration-level engine: in-flight batching over a paged KV pool, one `step()` at a time.
+
+Each step (1) admits waiting requests while their KV blocks can be reserved and the step's
+token budget (`max_num_tokens`) and row budget (`max_batch_size`) allow, (2) runs the encoder
+once over the packed, unpadded sources of the newly admitted requests and writes their
+cross-attention K/V into the pool, (3) runs one decoder step for every running beam (new
+requests feed their forced prefix, the others their last token), and (4) advances each
+request's search, freeing the blocks of requests that finished.
+
+Capacity policy is TRT-LLM's GUARANTEED_NO_EVICT: a request is admitted only when all blocks
+it can ever need (source, prefix + max_new_tokens per beam) are reserved, so nothing is ever
+preempted. A failure inside one request fails that request alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import torch
+
+from serve.engine.errors import RequestFailed, RequestTooLarge
+from serve.engine.request import GenerationRequest, GenerationResult, SamplingParams
+from serve.engine.search import Hypotheses
+from serve.runtime.kv_cache import KVPool
+from serve.runtime.model import Decoder, DecoderBatch, Encoder, EncoderBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 64  # decoder rows (beams) per step
+    max_num_tokens: int = 4096  # encoder tokens admitted per step
+    kv_block_size: int = 16
+    num_kv_blocks: int | None = None  # None: as many as max_batch_size full-length sequences need
+    static_batching: bool = False  # baseline: admit only into an empty batch, run it to completion
+    trace_steps: int = 0  # keep a trace of the last N steps (tests, debugging)
+
+
+@dataclass
+class _Running:
+    req: GenerationRequest
+    search: Hypotheses
+    cross_blocks: list[int]
+    beam_blocks: list[list[int]]
+    cached: int = 0  # decoder positions whose K/V are in the pool (same for every beam)
+    first_token_time: float | None = None
+
+
+@dataclass
+class StepRecord:
+    step: int
+    admitted: list[str]
+    decoded: list[str]
+    finished: list[str]
+
+
+@dataclass
+class StepOutput:
+    """What one step produced: finished results and failed request ids with their errors."""
+
+    results: list[GenerationResult] = field(default_factory=list)
+    failures: list[tuple[str, Exception]] = field(default_factory=list)
+    first_tokens: list[str] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, encoder: Encoder, decoder: Decoder, config: EngineConfig, eos_id: int,
+                 device: torch.device | str = "cpu"):  # fmt: skip
+        self.encoder, self.decoder, self.config = encoder, decoder, config
+        self.eos_id, self.device = eos_id, torch.device(device)
+        dcfg = decoder.cfg
+        self.max_positions = min(encoder.cfg.max_position_embeddings, dcfg.max_position_embeddings)
+        num_blocks = config.num_kv_blocks or config.max_batch_size * 2 * -(-self.max_positions // config.kv_block_size)
+        self.pool = KVPool(dcfg.num_layers, num_blocks, config.kv_block_size, dcfg.num_heads, dcfg.head_size,
+                           dcfg.dtype, self.device)  # fmt: skip
+        self.waiting: OrderedDict[str, GenerationRequest] = OrderedDict()
+        self.running: OrderedDict[str, _Running] = OrderedDict()
+        self.trace: deque[StepRecord] = deque(maxlen=config.trace_steps or 1)
+        self.steps = 0
+        self.generated_tokens = 0
+
+    # ---- requests -------------------------------------------------------------------------
+    def blocks_needed(self, req: GenerationRequest) -> int:
+        p = req.params
+        self_tokens = len(req.decoder_prefix) + p.max_new_tokens
+        return self.pool.blocks_for(len(req.encoder_ids)) + p.beam_size * self.pool.blocks_for(self_tokens)
+
+    def validate(self, req: GenerationRequest) -> None:
+        """Raise RequestTooLarge for a request this engine can never run."""
+        p, n_src = req.params, len(req.encoder_ids)
+        if not req.encoder_ids or not req.decoder_prefix:
+            raise RequestTooLarge("empty encoder input or decoder prefix")
+        if n_src > self.max_positions or len(req.decoder_prefix) + p.max_new_tokens > self.max_positions:
+            raise RequestTooLarge(
+                f"source ({n_src} tokens) and prefix + max_new_tokens "
+                f"({len(req.decoder_prefix) + p.max_new_tokens}) must each fit {self.max_positions} positions"
+            )
+        if n_src > self.config.max_num_tokens:
+            raise RequestTooLarge(f"source has {n_src} tokens; max_num_tokens is {self.config.max_num_tokens}")
+        if p.beam_size > self.config.max_batch_size or self.blocks_needed(req) > self.pool.num_blocks:
+            raise RequestTooLarge(f"beam_size {p.beam_size} / KV needs exceed the engine's capacity")
+
+    def add(self, req: GenerationRequest) -> None:
+        self.validate(req)
+        if req.request_id in self.waiting or req.request_id in self.running:
+            raise ValueError(f"duplicate request id {req.request_id}")
+        self.waiting[req.request_id] = req
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting or running request and free its blocks; False if unknown."""
+        if self.waiting.pop(request_id, None) is not None:
+            return True
+        run = self.running.pop(request_id, None)
+        if run is None:
+            return False
+        self._free(run)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(len(r.search.running) if r.cached else 1 for r in self.running.values())
+
+    def _free(self, run: _Running) -> None:
+        self.pool.allocator.free(run.cross_blocks)
+        for blocks in run.beam_blocks:
+            self.pool.allocator.free(blocks)
+
+    # ---- one iteration ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> StepOutput:
+        out = StepOutput()
+        admitted = self._admit()
+        if admitted:
+            self._encode(admitted, out)
+        decoded = list(self.running)
+        if self.running:
+            self._decode(out)
+        self.steps += 1
+        if self.config.trace_steps:
+            finished = [r.request_id for r in out.results] + [rid for rid, _ in out.failures]
+            self.trace.append(StepRecord(self.steps, [r.req.request_id for r in admitted], decoded, finished))
+        return out
+
+    def _admit(self) -> list[_Running]:
+        if self.config.static_batching and self.running:
+            return []
+        admitted, tokens, rows = [], 0, self.num_rows
+        alloc = self.pool.allocator
+        while self.waiting:
+            req = next(iter(self.waiting.values()))
+            k = req.params.beam_size
+            if rows + k > self.config.max_batch_size or tokens + len(req.encoder_ids) > self.config.max_num_tokens:
+                break
+            if self.blocks_needed(req) > alloc.num_free:
+                break
+            del self.waiting[req.request_id]
+            self_blocks = self.pool.blocks_for(len(req.decoder_prefix) + req.params.max_new_tokens)
+            run = _Running(
+                req=req,
+                search=Hypotheses(req.params, self.eos_id, length_offset=len(req.decoder_prefix) - 1),
+                cross_blocks=alloc.allocate(self.pool.blocks_for(len(req.encoder_ids))),
+                beam_blocks=[alloc.allocate(self_blocks) for _ in range(k)],
+            )
+            self.running[req.request_id] = run
+            admitted.append(run)
+            tokens += len(req.encoder_ids)
+            rows += k
+        return admitted
+
+    def _encode(self, admitted: list[_Running], out: StepOutput) -> None:
+        """Packed encoder pass + cross K/V write; on error, retry one by one to isolate it."""
+        try:
+            self._encode_batch(admitted)
+        except Exception:
+            if len(admitted) == 1:
+                self._fail(admitted[0], out)
+                return
+            for run in admitted:
+                try:
+                    self._encode_batch([run])
+                except Exception:
+                    self._fail(run, out)
+
+    def _encode_batch(self, runs: list[_Running]) -> None:
+        lens = [len(r.req.encoder_ids) for r in runs]
+        dev = self.device
+        batch = EncoderBatch(
+            tokens=torch.tensor([t for r in runs for t in r.req.encoder_ids], device=dev),
+            positions=torch.tensor([p for n in lens for p in range(n)], device=dev),
+            seq_lens=lens,
+        )
+        enc_out = self.encoder(batch)
+        slots = torch.tensor([s for r, n in zip(runs, lens, strict=True) for s in self.pool.slots(r.cross_blocks, 0, n)],
+                             device=dev)  # fmt: skip
+        for layer, (k, v) in enumerate(self.decoder.cross_kv(enc_out)):
+            self.pool.write(layer, slots, k, v)
+
+    def _decode(self, out: StepOutput) -> None:
+        runs = list(self.running.values())
+        try:
+            logits = self._decode_batch(runs)
+        except Exception:
+            logits = None
+        if logits is None:  # isolate the failing request(s); K/V rewrites are idempotent
+            for run in runs:
+                try:
+                    self._advance(run, self._decode_batch([run]), out)
+                except Exception:
+                    self._fail(run, out)
+            return
+        offset = 0
+        for run in runs:
+            n = 1 if run.cached == 0 else len(run.search.running)
+            try:
+                self._advance(run, logits[offset : offset + n], out)
+            except Exception:
+                self._fail(run, out)
+            offset += n
+
+    @torch.inference_mode()
+    def score(self, encoder_ids: list[int], decoder_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced float32 logits [len(decoder_ids), vocab], outside the running batch."""
+        req = GenerationRequest("score", encoder_ids, decoder_ids, SamplingParams(max_new_tokens=1))
+        self.validate(req)
+        alloc = self.pool.allocator
+        run = _Running(req, Hypotheses(req.params, self.eos_id, 0),
+                       alloc.allocate(self.pool.blocks_for(len(encoder_ids))),
+                       [alloc.allocate(self.pool.blocks_for(len(decoder_ids)))])  # fmt: skip
+        try:
+            self._encode_batch([run])
+            return self._decode_batch([run], every_token=True)
+        finally:
+            self._free(run)
+
+    def _decode_batch(self, runs: list[_Running], every_token: bool = False) -> torch.Tensor:
+        tokens, positions, slots, tables, ctx_lens, cross_tables, cross_lens, last = ([] for _ in range(8))
+        for run in runs:
+            src_len = len(run.req.encoder_ids)
+            if run.cached == 0:  # new request: feed the forced prefix on beam 0 only
+                feeds = [(0, run.req.decoder_prefix)]
+            else:
+                feeds = [(b, [seq[-1]]) for b, seq in enumerate(run.search.running)]
+            for beam, toks in feeds:
+                blocks = run.beam_blocks[beam]
+                for i, tok in enumerate(toks):
+                    pos = run.cached + i
+                    tokens.append(tok)
+                    positions.append(pos)
+                    slots.extend(self.pool.slots(blocks, pos, 1))
+                    tables.append(blocks[: self.pool.blocks_for(pos + 1)])
+                    ctx_lens.append(pos + 1)
+                    cross_tables.append(run.cross_blocks)
+                    cross_lens.append(src_len)
+                    if every_token:
+                        last.append(len(tokens) - 1)
+                if not every_token:
+                    last.append(len(tokens) - 1)
+        dev = self.device
+        batch = DecoderBatch(
+            tokens=torch.tensor(tokens, device=dev),
+            positions=torch.tensor(positions, device=dev),
+            slots=torch.tensor(slots, device=dev),
+            ctx_tables=_pad(tables, dev),
+            ctx_lens=torch.tensor(ctx_lens, device=dev),
+            cross_tables=_pad(cross_tables, dev),
+            cross_lens=torch.tensor(cross_lens, device=dev),
+            logit_rows=torch.tensor(last, device=dev),
+        )
+        return self.decoder(batch, self.pool.layers).cpu()
+
+    def _advance(self, run: _Running, logits: torch.Tensor, out: StepOutput) -> None:
+        """Feed one step's logits to the request's search and fork beams' K/V to their parents."""
+        fed = len(run.req.decoder_prefix) if run.cached == 0 else 1
+        parents = run.search.step(logits)
+        run.cached += fed
+        self.generated_tokens += 1
+        if run.first_token_time is None:
+            run.first_token_time = time.monotonic()
+            out.first_tokens.append(run.req.request_id)
+        if run.search.done:
+            del self.running[run.req.request_id]
+            self._free(run)
+            tokens, reason = run.search.best()
+            out.results.append(GenerationResult(run.req.request_id, tokens, reason, len(run.req.encoder_ids),
+                                                first_token_time=run.first_token_time))  # fmt: skip
+            return
+        forks = [(p, b) for b, p in enumerate(parents) if p != b]
+        if forks:  # each beam owns its blocks: a beam that continues another copies its K/V
+            used = self.pool.blocks_for(run.cached)
+            src = [blk for p, _ in forks for blk in run.beam_blocks[p][:used]]
+            dst = [blk for _, b in forks for blk in run.beam_blocks[b][:used]]
+            self.pool.copy_blocks(src, dst)
+
+    def _fail(self, run: _Running, out: StepOutput) -> None:
+        log.exception("request %s failed", run.req.request_id)
+        self.running.pop(run.req.request_id, None)
+        self._free(run)
+        out.failures.append((run.req.request_id, RequestFailed(f"request {run.req.request_id} failed in the engine")))
+
+
+def _pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)

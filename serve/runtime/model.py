@@ -1,0 +1,292 @@
+"""The mBART/BART encoder-decoder, built from a TensorRT-LLM checkpoint's config.json.
+
+Module paths equal TensorRT-LLM tensor names (`transformer.layers.0.attention.qkv.weight`), so
+a rank file loads with `load_state_dict`. Layers hold this rank's shard: `heads` and `ffn`
+are already divided by the TP size. Layouts follow TRT-LLM's "remove input padding" mode:
+tokens of all sequences are packed into one [tokens, hidden] tensor and metadata says where
+each sequence starts. Decoder K/V live in a paged pool (`serve.runtime.kv_cache`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve.runtime.layers import Embedding, LayerNorm, Linear
+
+ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fields of a TRT-LLM enc-dec component config this runtime uses (per rank)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int  # this rank's heads
+    head_size: int
+    ffn_size: int  # this rank's share of intermediate_size
+    vocab_size: int
+    padded_vocab_size: int  # lm_head rows across all ranks
+    max_position_embeddings: int
+    norm_eps: float
+    hidden_act: str
+    embedding_scale: float
+    has_final_layernorm: bool
+    pre_layernorm: bool
+    q_scaling: float
+    dtype: torch.dtype
+    tp_size: int
+    is_decoder: bool
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        c = json.loads(Path(path).read_text())
+        tp = c["mapping"]["tp_size"]
+        for key in ("num_attention_heads", "intermediate_size"):
+            if c[key] % tp:
+                raise ValueError(f"{key}={c[key]} is not divisible by tp_size={tp}")
+        if c.get("relative_attention") or c.get("layernorm_type", 0) != 0 or c.get("mlp_type", 0) != 0:
+            raise ValueError("only learned-position LayerNorm MLP encoder-decoders (BART/mBART) are supported")
+        return cls(
+            num_layers=c["num_hidden_layers"],
+            hidden_size=c["hidden_size"],
+            num_heads=c["num_attention_heads"] // tp,
+            head_size=c["head_size"],
+            ffn_size=c["intermediate_size"] // tp,
+            vocab_size=c["vocab_size"],
+            padded_vocab_size=math.ceil(c["vocab_size"] / tp) * tp,
+            max_position_embeddings=c["max_position_embeddings"],
+            norm_eps=c["norm_epsilon"],
+            hidden_act=c["hidden_act"],
+            embedding_scale=math.sqrt(c["hidden_size"]) if c.get("has_embedding_scale") else 1.0,
+            has_final_layernorm=c.get("has_model_final_layernorm", False),
+            pre_layernorm=c.get("layernorm_position", 0) == 0,
+            q_scaling=c.get("q_scaling", 1.0),
+            dtype=getattr(torch, c["dtype"]),
+            tp_size=tp,
+            is_decoder=c["architecture"] == "DecoderModel",
+        )
+
+
+@dataclass
+class EncoderBatch:
+    """Packed encoder input: `tokens`/`positions` [T]; `seq_lens` [B]."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    seq_lens: list[int]
+
+
+@dataclass
+class DecoderBatch:
+    """Per-token metadata of one decoder step over a paged KV pool.
+
+    Every new token is one query row: it writes its K/V into `slots` and attends to the first
+    `ctx_lens` cached positions of its sequence (`ctx_tables` = that sequence's block table),
+    and to `cross_lens` encoder positions through `cross_tables`. `logit_rows` picks the
+    tokens whose logits are wanted (the last token of each sequence while generating).
+    """
+
+    tokens: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+    slots: torch.Tensor  # [N]
+    ctx_tables: torch.Tensor  # [N, max_blocks]
+    ctx_lens: torch.Tensor  # [N]
+    cross_tables: torch.Tensor  # [N, max_cross_blocks]
+    cross_lens: torch.Tensor  # [N]
+    logit_rows: torch.Tensor  # [B]
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    """Bidirectional attention within each packed sequence: [T, h, d] -> [T, h, d].
+
+    Scatters into a padded [B, h, S, d] batch for one SDPA call (the scale is folded into q).
+    """
+    device, n = q.device, len(seq_lens)
+    lens = torch.tensor(seq_lens, device=device)
+    max_len = max(seq_lens)
+    seq_idx = torch.repeat_interleave(torch.arange(n, device=device), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    pos_in_seq = torch.arange(q.shape[0], device=device) - starts[seq_idx]
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(n, max_len, *x.shape[1:])
+        out[seq_idx, pos_in_seq] = x
+        return out.transpose(1, 2)
+
+    mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=1.0)
+    return out.transpose(1, 2)[seq_idx, pos_in_seq]
+
+
+def paged_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor
+) -> torch.Tensor:
+    """Each query row attends to the first `lens[i]` positions of its block table: [N, h, d].
+
+    Reference implementation: gathers the blocks into a padded batch. Pools are
+    [num_blocks, block_size, h, d].
+    """
+    n, max_blocks = tables.shape
+    block_size = k_pool.shape[1]
+    k = k_pool[tables].reshape(n, max_blocks * block_size, *k_pool.shape[2:]).transpose(1, 2)
+    v = v_pool[tables].reshape(n, max_blocks * block_size, *v_pool.shape[2:]).transpose(1, 2)
+    mask = (torch.arange(max_blocks * block_size, device=q.device)[None, :] < lens[:, None])[:, None, None, :]
+    return F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=1.0)[:, :, 0, :]
+
+
+class Attention(nn.Module):
+    """Fused-QKV multi-head attention over this rank's heads; `dense` all-reduces across ranks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.head_size = cfg.num_heads, cfg.head_size
+        inner = cfg.num_heads * cfg.head_size
+        self.qkv = Linear(cfg.hidden_size, 3 * inner)
+        self.dense = Linear(inner, cfg.hidden_size, reduce=True)
+        self.scale = 1.0 / (cfg.q_scaling * math.sqrt(cfg.head_size))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, self.head_size).unbind(1)
+        return q * self.scale, k, v
+
+    def cross_kv(self, enc_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention K/V of encoder output (computed once per request)."""
+        _, k, v = self.qkv(enc_out).view(enc_out.shape[0], 3, self.heads, self.head_size).unbind(1)
+        return k, v
+
+    def out(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.dense(attn.reshape(attn.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = Linear(cfg.hidden_size, cfg.ffn_size)
+        self.proj = Linear(cfg.ffn_size, cfg.hidden_size, reduce=True)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+def residual(pre_ln: bool, norm: nn.Module, fn, x: torch.Tensor) -> torch.Tensor:
+    """Pre-LN (mBART): x + f(LN(x)); post-LN (BART): LN(x + f(x))."""
+    return x + fn(norm(x)) if pre_ln else norm(x + fn(x))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_ln = cfg.pre_layernorm
+        self.attention = Attention(cfg)
+        self.attention_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.mlp_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+        def attend(h: torch.Tensor) -> torch.Tensor:
+            return self.attention.out(packed_attention(*self.attention.project(h), seq_lens))
+
+        x = residual(self.pre_ln, self.attention_layernorm, attend, x)
+        return residual(self.pre_ln, self.mlp_layernorm, self.mlp, x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_ln = cfg.pre_layernorm
+        self.self_attention = Attention(cfg)
+        self.self_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+        self.cross_attention = Attention(cfg)
+        self.cross_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.mlp_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, b: DecoderBatch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        k_pool, v_pool = kv  # this layer's [2][num_blocks, block_size, h, d]
+
+        def self_attend(h: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.self_attention.project(h)
+            k_pool.view(-1, *k.shape[1:])[b.slots] = k
+            v_pool.view(-1, *v.shape[1:])[b.slots] = v
+            return self.self_attention.out(paged_attention(q, k_pool, v_pool, b.ctx_tables, b.ctx_lens))
+
+        def cross_attend(h: torch.Tensor) -> torch.Tensor:
+            q, _, _ = self.cross_attention.project(h)
+            attn = paged_attention(q, k_pool, v_pool, b.cross_tables, b.cross_lens)
+            return self.cross_attention.out(attn)
+
+        x = residual(self.pre_ln, self.self_attention_layernorm, self_attend, x)
+        x = residual(self.pre_ln, self.cross_attention_layernorm, cross_attend, x)
+        return residual(self.pre_ln, self.mlp_layernorm, self.mlp, x)
+
+
+class Transformer(nn.Module):
+    """Embeddings, layers and final norm of one component (`transformer.*` tensors)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_embedding = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.ln_embed = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+        layer = DecoderLayer if cfg.is_decoder else EncoderLayer
+        self.layers = nn.ModuleList(layer(cfg) for _ in range(cfg.num_layers))
+        self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps) if cfg.has_final_layernorm else nn.Identity()
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.vocab_embedding(tokens) * self.cfg.embedding_scale + self.position_embedding(positions)
+        return self.ln_embed(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = Transformer(cfg)
+
+    def forward(self, batch: EncoderBatch) -> torch.Tensor:
+        """Packed [T, hidden] encoder output."""
+        x = self.transformer.embed(batch.tokens, batch.positions)
+        for layer in self.transformer.layers:
+            x = layer(x, batch.seq_lens)
+        return self.transformer.ln_f(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = Transformer(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.padded_vocab_size // cfg.tp_size, bias=False)
+
+    def cross_kv(self, enc_out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (K, V) of the packed encoder output for cross-attention, [T, h, d] each."""
+        return [layer.cross_attention.cross_kv(enc_out) for layer in self.transformer.layers]
+
+    def forward(self, b: DecoderBatch, kv_pools: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Float32 logits [len(logit_rows), vocab_size] (gathered across TP ranks, padding removed)."""
+        x = self.transformer.embed(b.tokens, b.positions)
+        for layer, kv in zip(self.transformer.layers, kv_pools, strict=True):
+            x = layer(x, b, kv)
+        x = self.transformer.ln_f(x[b.logit_rows])
+        return gather_vocab(self.lm_head(x).float())[:, : self.cfg.vocab_size]
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """Concatenate the column-parallel lm_head shards of all TP ranks."""
+    from serve.runtime import tp
+
+    if tp.world_size() == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(tp.world_size())]
+    torch.distributed.all_gather(parts, logits.contiguous())
+    return torch.cat(parts, dim=-1)
