@@ -16,7 +16,7 @@ from eval.data import calib_languages, calib_path, read_lines
 
 TINY_DIMS = dict(
     d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256,
+    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=512,
 )  # fmt: skip
 
 

@@ -74,7 +74,7 @@ class Engine:
         self.eos_id, self.device = eos_id, torch.device(device)
         dcfg = decoder.cfg
         self.max_positions = min(encoder.cfg.max_position_embeddings, dcfg.max_position_embeddings)
-        num_blocks = config.num_kv_blocks or config.max_batch_size * 2 * -(-self.max_positions // config.kv_block_size)
+        num_blocks = config.num_kv_blocks or self.max_useful_blocks(config, self.max_positions)
         self.pool = KVPool(dcfg.num_layers, num_blocks, config.kv_block_size, dcfg.num_heads, dcfg.head_size,
                            dcfg.dtype, self.device)  # fmt: skip
         self.waiting: OrderedDict[str, GenerationRequest] = OrderedDict()
@@ -82,6 +82,11 @@ class Engine:
         self.trace: deque[StepRecord] = deque(maxlen=config.trace_steps or 1)
         self.steps = 0
         self.generated_tokens = 0
+
+    @staticmethod
+    def max_useful_blocks(config: EngineConfig, max_positions: int) -> int:
+        """Blocks for a full batch of maximum-length sources and targets: more could never be used."""
+        return config.max_batch_size * 2 * -(-max_positions // config.kv_block_size)
 
     # ---- requests -------------------------------------------------------------------------
     def blocks_needed(self, req: GenerationRequest) -> int:
