@@ -1,0 +1,41 @@
+"""Tensor parallelism: each rank in its own process (gloo) loads only its shard; tokens equal TP=1."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve.engine.async_engine import PytorchBackend
+from serve.engine.request import GenerationRequest, SamplingParams
+from serve.runtime import tp
+from serve.runtime.translator import Translator
+from tests.conftest import real_sentences
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_tp_token_identical_to_tp1(tiny_ckpt_factory, tp_size):
+    ref = Translator.load(tiny_ckpt_factory(1, "float32"), device="cpu")
+    tok = ref.tokenizer
+    reqs = []
+    for i, (src, tgt, beam) in enumerate([("zh", "en", 1), ("en", "ar", 4), ("ru", "en", 1), ("en", "hi", 2)] * 2):
+        for j, text in enumerate(real_sentences(src, 2, offset=20 + i)):
+            enc = tok.encode([text], tok.language(src))[0]
+            reqs.append(GenerationRequest(f"{i}-{j}", enc, tok.decoder_prefix(tok.language(tgt)),
+                                          SamplingParams(beam_size=beam, max_new_tokens=20)))  # fmt: skip
+    expected = ref.generate_ids([r.encoder_ids for r in reqs], [r.decoder_prefix for r in reqs],
+                                [r.params for r in reqs])  # fmt: skip
+
+    backend = PytorchBackend(tiny_ckpt_factory(tp_size, "float32"), device="cpu", tp_size=tp_size)
+
+    async def run():
+        backend.start()
+        try:
+            assert tp.world_size() == tp_size
+            return await asyncio.gather(*(backend.generate(r) for r in reqs))
+        finally:
+            await backend.shutdown()
+
+    got = asyncio.run(run())
+    assert [r.token_ids for r in got] == expected
+    assert tp.world_size() == 1
