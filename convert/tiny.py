@@ -15,9 +15,15 @@ import torch
 from eval.data import calib_languages, calib_path, read_lines
 
 TINY_DIMS = dict(
-    d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=512,
-)  # fmt: skip
+    d_model=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    max_position_embeddings=512,
+)
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 2000, lines_per_lang: int = 300) -> Path:
@@ -29,8 +35,13 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 2000, lines_per_lang: int =
     if not text:
         raise FileNotFoundError("no calibration corpora found under MT_DATA_ROOT to train a tokenizer on")
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_prefix=str(out_dir / "sentencepiece.bpe"), vocab_size=vocab_size,
-        model_type="unigram", character_coverage=0.9995, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(text),
+        model_prefix=str(out_dir / "sentencepiece.bpe"),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=0.9995,
+        num_threads=1,
+        minloglevel=2,
     )
     # transformers 5 reads the real mBART-50 vocabulary only through from_pretrained.
     (out_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "MBart50Tokenizer"}))
@@ -45,10 +56,18 @@ def build_tiny_mbart(out_dir: Path, seed: int = 0, **overrides) -> Path:
     with tempfile.TemporaryDirectory() as spm_dir:
         tok = AutoTokenizer.from_pretrained(train_tokenizer(Path(spm_dir)))
     cfg = MBartConfig(
-        vocab_size=len(tok), **{**TINY_DIMS, **overrides}, scale_embedding=True,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=tok.eos_token_id,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=0.5,
+        vocab_size=len(tok),
+        **{**TINY_DIMS, **overrides},
+        scale_embedding=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.eos_token_id,
+        forced_eos_token_id=tok.eos_token_id,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        init_std=0.5,
     )
     torch.manual_seed(seed)
     model = MBartForConditionalGeneration(cfg).eval()

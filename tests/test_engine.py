@@ -47,8 +47,14 @@ def requests(tok, n: int, beam: int = 1, max_new: int = 12) -> list[GenerationRe
         src, tgt = PAIRS[i % len(PAIRS)]
         text = real_sentences(src, 1, offset=i)[0]
         enc = tok.encode([text], tok.language(src))[0]
-        out.append(GenerationRequest(f"r{i}", enc, tok.decoder_prefix(tok.language(tgt)),
-                                     SamplingParams(beam_size=beam, max_new_tokens=max_new + i % 5)))  # fmt: skip
+        out.append(
+            GenerationRequest(
+                f"r{i}",
+                enc,
+                tok.decoder_prefix(tok.language(tgt)),
+                SamplingParams(beam_size=beam, max_new_tokens=max_new + i % 5),
+            )
+        )
     return out
 
 
@@ -169,8 +175,10 @@ def test_backend_concurrent_equals_sequential_and_cancel_frees(tiny_ckpt, model,
         assert {r.request_id: r.token_ids for r in results} == expected
         assert all(r.first_token_time is not None for r in results)
         # a cancelled caller (client disconnect) frees its blocks; the others complete
-        slow = [GenerationRequest(f"s{i}", r.encoder_ids, r.decoder_prefix, SamplingParams(max_new_tokens=60))
-                for i, r in enumerate(reqs[:4])]  # fmt: skip
+        slow = [
+            GenerationRequest(f"s{i}", r.encoder_ids, r.decoder_prefix, SamplingParams(max_new_tokens=60))
+            for i, r in enumerate(reqs[:4])
+        ]
         tasks = [asyncio.create_task(backend.generate(r)) for r in slow]
         await asyncio.sleep(0.05)
         tasks[1].cancel()

@@ -11,14 +11,22 @@ from serve.runtime.model import EncoderBatch
 from serve.runtime.translator import Translator
 from tests.conftest import PARITY_LANGS, real_sentences
 
-MBART = {"en": "en_XX", "zh": "zh_CN", "ar": "ar_AR", "ru": "ru_RU", "hi": "hi_IN", "de": "de_DE", "sw": "sw_KE"}
+MBART = {
+    "en": "en_XX",
+    "zh": "zh_CN",
+    "ar": "ar_AR",
+    "ru": "ru_RU",
+    "hi": "hi_IN",
+    "de": "de_DE",
+    "sw": "sw_KE",
+}
 
 
 @pytest.fixture(scope="module")
 def hf(tiny_mbart_dir):
-    return MBartForConditionalGeneration.from_pretrained(tiny_mbart_dir).eval(), AutoTokenizer.from_pretrained(
+    return MBartForConditionalGeneration.from_pretrained(
         tiny_mbart_dir
-    )
+    ).eval(), AutoTokenizer.from_pretrained(tiny_mbart_dir)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +51,9 @@ def test_encoder_output_and_logits_match_hf(hf, translator):
         lens = [len(e) for e in enc_ids]
         assert len(set(lens)) > 1, "want sentences of different lengths"
         batch = EncoderBatch(
-            torch.tensor([t for e in enc_ids for t in e]), torch.tensor([p for n in lens for p in range(n)]), lens
+            torch.tensor([t for e in enc_ids for t in e]),
+            torch.tensor([p for n in lens for p in range(n)]),
+            lens,
         )
         with torch.inference_mode():
             packed = translator.encoder(batch)
@@ -51,7 +61,9 @@ def test_encoder_output_and_logits_match_hf(hf, translator):
             with torch.inference_mode():
                 ref = model.model.encoder(input_ids=torch.tensor([ids])).last_hidden_state[0]
                 dec = [2, tgt] + ids[1:-1][:6]
-                ref_logits = model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([dec])).logits[0]
+                ref_logits = model(
+                    input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([dec])
+                ).logits[0]
             got = packed[sum(lens[:i]) : sum(lens[: i + 1])]
             assert (got - ref).abs().max().item() <= 1e-4
             logits = translator.teacher_forced_logits([ids], [dec])[0]
@@ -66,10 +78,16 @@ def _hf_generate(model, tok, enc_ids, tgt_code, beam, max_new):
     width = max(len(e) for e in enc_ids)
     ids = torch.tensor([e + [tok.pad_token_id] * (width - len(e)) for e in enc_ids])
     out = model.generate(
-        input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), num_beams=beam, do_sample=False,
-        forced_bos_token_id=tok.convert_tokens_to_ids(tgt_code), max_new_tokens=max_new + 1,
-        early_stopping=True, length_penalty=1.0, forced_eos_token_id=None,
-    )  # fmt: skip
+        input_ids=ids,
+        attention_mask=(ids != tok.pad_token_id).long(),
+        num_beams=beam,
+        do_sample=False,
+        forced_bos_token_id=tok.convert_tokens_to_ids(tgt_code),
+        max_new_tokens=max_new + 1,
+        early_stopping=True,
+        length_penalty=1.0,
+        forced_eos_token_id=None,
+    )
     res = []
     for row in out.tolist():
         row = row[2:]  # decoder start + forced language token
@@ -89,7 +107,9 @@ def test_generate_token_identical_to_hf(hf, translator, beam):
         enc_ids = hf_encode(tok, src, sents)
         ref = _hf_generate(model, tok, enc_ids, MBART[tgt], beam, max_new=24)
         prefix = translator.tokenizer.decoder_prefix(translator.tokenizer.language(tgt))
-        got = translator.generate_ids(enc_ids, [prefix] * len(enc_ids), SamplingParams(beam_size=beam, max_new_tokens=24))
+        got = translator.generate_ids(
+            enc_ids, [prefix] * len(enc_ids), SamplingParams(beam_size=beam, max_new_tokens=24)
+        )
         assert got == ref, (src, tgt)
         total += len(sents)
         lengths.extend(len(g) for g in got)

@@ -18,13 +18,22 @@ def test_tp_token_identical_to_tp1(tiny_ckpt_factory, tp_size):
     ref = Translator.load(tiny_ckpt_factory(1, "float32"), device="cpu")
     tok = ref.tokenizer
     reqs = []
-    for i, (src, tgt, beam) in enumerate([("zh", "en", 1), ("en", "ar", 4), ("ru", "en", 1), ("en", "hi", 2)] * 2):
+    for i, (src, tgt, beam) in enumerate(
+        [("zh", "en", 1), ("en", "ar", 4), ("ru", "en", 1), ("en", "hi", 2)] * 2
+    ):
         for j, text in enumerate(real_sentences(src, 2, offset=20 + i)):
             enc = tok.encode([text], tok.language(src))[0]
-            reqs.append(GenerationRequest(f"{i}-{j}", enc, tok.decoder_prefix(tok.language(tgt)),
-                                          SamplingParams(beam_size=beam, max_new_tokens=20)))  # fmt: skip
-    expected = ref.generate_ids([r.encoder_ids for r in reqs], [r.decoder_prefix for r in reqs],
-                                [r.params for r in reqs])  # fmt: skip
+            reqs.append(
+                GenerationRequest(
+                    f"{i}-{j}",
+                    enc,
+                    tok.decoder_prefix(tok.language(tgt)),
+                    SamplingParams(beam_size=beam, max_new_tokens=20),
+                )
+            )
+    expected = ref.generate_ids(
+        [r.encoder_ids for r in reqs], [r.decoder_prefix for r in reqs], [r.params for r in reqs]
+    )
 
     backend = PytorchBackend(tiny_ckpt_factory(tp_size, "float32"), device="cpu", tp_size=tp_size)
 

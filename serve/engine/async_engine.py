@@ -52,14 +52,20 @@ class BackendSettings:
 def build_engine(ckpt_dir: Path, s: BackendSettings, eos_id: int, device: torch.device) -> Engine:
     """Load this rank's weights and size the KV pool (a fraction of free GPU memory on CUDA)."""
     encoder, decoder = load_model(ckpt_dir, device, s.dtype)
-    cfg = EngineConfig(max_batch_size=s.max_batch_size, max_num_tokens=s.max_num_tokens,
-                       kv_block_size=s.kv_block_size, static_batching=s.static_batching,
-                       trace_steps=s.trace_steps)  # fmt: skip
+    cfg = EngineConfig(
+        max_batch_size=s.max_batch_size,
+        max_num_tokens=s.max_num_tokens,
+        kv_block_size=s.kv_block_size,
+        static_batching=s.static_batching,
+        trace_steps=s.trace_steps,
+    )
     if device.type == "cuda":
         d = decoder.cfg
         per_block = KVPool.bytes_per_block(d.num_layers, s.kv_block_size, d.num_heads, d.head_size, d.dtype)
         budget = int(torch.cuda.mem_get_info(device)[0] * s.kv_memory_fraction) // per_block
-        useful = Engine.max_useful_blocks(cfg, min(encoder.cfg.max_position_embeddings, d.max_position_embeddings))
+        useful = Engine.max_useful_blocks(
+            cfg, min(encoder.cfg.max_position_embeddings, d.max_position_embeddings)
+        )
         cfg.num_kv_blocks = max(1, min(budget, useful))
     return Engine(encoder, decoder, cfg, eos_id=eos_id, device=device)
 
@@ -74,8 +80,13 @@ def _device_for_rank(s: BackendSettings, rank: int) -> torch.device:
 def _init_group(rank: int, world: int, init_file: str, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init_file}",
-                                         rank=rank, world_size=world, timeout=timedelta(hours=1))  # fmt: skip
+    torch.distributed.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(hours=1),
+    )
 
 
 def _worker(rank: int, ckpt_dir: str, s: BackendSettings, eos_id: int, init_file: str) -> None:
@@ -133,8 +144,12 @@ class PytorchBackend(Backend):
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
         self._accepting = True
-        log.info("pytorch backend ready on %s: %d KV blocks of %d tokens", device, self.engine.pool.num_blocks,
-                 s.kv_block_size)  # fmt: skip
+        log.info(
+            "pytorch backend ready on %s: %d KV blocks of %d tokens",
+            device,
+            self.engine.pool.num_blocks,
+            s.kv_block_size,
+        )
 
     def _spawn_workers(self, device: torch.device) -> None:
         import torch.multiprocessing as mp
@@ -144,8 +159,11 @@ class PytorchBackend(Backend):
         os.unlink(init_file)
         ctx = mp.get_context("spawn")
         for rank in range(1, self.settings.tp_size):
-            p = ctx.Process(target=_worker, args=(rank, str(self.ckpt_dir), self.settings, self.eos_id, init_file),
-                            daemon=True)  # fmt: skip
+            p = ctx.Process(
+                target=_worker,
+                args=(rank, str(self.ckpt_dir), self.settings, self.eos_id, init_file),
+                daemon=True,
+            )
             p.start()
             self._workers.append(p)
         _init_group(0, self.settings.tp_size, init_file, device)
@@ -171,7 +189,9 @@ class PytorchBackend(Backend):
         with self._lock:
             waiting = len(self._futures) - len(self.engine.running)
             if waiting >= self.settings.max_queue:
-                raise QueueFull(f"{waiting} requests are waiting (limit {self.settings.max_queue})", retry_after=1.0)
+                raise QueueFull(
+                    f"{waiting} requests are waiting (limit {self.settings.max_queue})", retry_after=1.0
+                )
             self._futures[request.request_id] = (loop, fut)
         self._inbox.put(("add", request))
         try:
@@ -190,12 +210,18 @@ class PytorchBackend(Backend):
         with self._lock:
             outstanding = len(self._futures)
         running = len(e.running)
-        return EngineStats(waiting=max(0, outstanding - running), running=running,
-                           kv_blocks_used=e.pool.allocator.num_used, kv_blocks_free=e.pool.allocator.num_free,
-                           generated_tokens=e.generated_tokens)  # fmt: skip
+        return EngineStats(
+            waiting=max(0, outstanding - running),
+            running=running,
+            kv_blocks_used=e.pool.allocator.num_used,
+            kv_blocks_free=e.pool.allocator.num_free,
+            generated_tokens=e.generated_tokens,
+        )
 
     # ---- loop thread --------------------------------------------------------------------------
-    def _resolve(self, rid: str, result: GenerationResult | None = None, error: Exception | None = None) -> None:
+    def _resolve(
+        self, rid: str, result: GenerationResult | None = None, error: Exception | None = None
+    ) -> None:
         with self._lock:
             entry = self._futures.get(rid)
         if entry is None:
@@ -258,6 +284,9 @@ def warmup_request(tokenizer, request_id: str = "warmup") -> GenerationRequest:
     from serve.engine.request import SamplingParams
 
     src, tgt = tokenizer.languages[0], tokenizer.languages[-1]
-    return GenerationRequest(request_id, tokenizer.encode(["Hello world."], src)[0], tokenizer.decoder_prefix(tgt),
-                             SamplingParams(max_new_tokens=4))  # fmt: skip
-
+    return GenerationRequest(
+        request_id,
+        tokenizer.encode(["Hello world."], src)[0],
+        tokenizer.decoder_prefix(tgt),
+        SamplingParams(max_new_tokens=4),
+    )

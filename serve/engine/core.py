@@ -68,15 +68,28 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, encoder: Encoder, decoder: Decoder, config: EngineConfig, eos_id: int,
-                 device: torch.device | str = "cpu"):  # fmt: skip
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder: Decoder,
+        config: EngineConfig,
+        eos_id: int,
+        device: torch.device | str = "cpu",
+    ):
         self.encoder, self.decoder, self.config = encoder, decoder, config
         self.eos_id, self.device = eos_id, torch.device(device)
         dcfg = decoder.cfg
         self.max_positions = min(encoder.cfg.max_position_embeddings, dcfg.max_position_embeddings)
         num_blocks = config.num_kv_blocks or self.max_useful_blocks(config, self.max_positions)
-        self.pool = KVPool(dcfg.num_layers, num_blocks, config.kv_block_size, dcfg.num_heads, dcfg.head_size,
-                           dcfg.dtype, self.device)  # fmt: skip
+        self.pool = KVPool(
+            dcfg.num_layers,
+            num_blocks,
+            config.kv_block_size,
+            dcfg.num_heads,
+            dcfg.head_size,
+            dcfg.dtype,
+            self.device,
+        )
         self.waiting: OrderedDict[str, GenerationRequest] = OrderedDict()
         self.running: OrderedDict[str, _Running] = OrderedDict()
         self.trace: deque[StepRecord] = deque(maxlen=config.trace_steps or 1)
@@ -105,7 +118,9 @@ class Engine:
                 f"({len(req.decoder_prefix) + p.max_new_tokens}) must each fit {self.max_positions} positions"
             )
         if n_src > self.config.max_num_tokens:
-            raise RequestTooLarge(f"source has {n_src} tokens; max_num_tokens is {self.config.max_num_tokens}")
+            raise RequestTooLarge(
+                f"source has {n_src} tokens; max_num_tokens is {self.config.max_num_tokens}"
+            )
         if p.beam_size > self.config.max_batch_size or self.blocks_needed(req) > self.pool.num_blocks:
             raise RequestTooLarge(f"beam_size {p.beam_size} / KV needs exceed the engine's capacity")
 
@@ -161,7 +176,10 @@ class Engine:
         while self.waiting:
             req = next(iter(self.waiting.values()))
             k = req.params.beam_size
-            if rows + k > self.config.max_batch_size or tokens + len(req.encoder_ids) > self.config.max_num_tokens:
+            if (
+                rows + k > self.config.max_batch_size
+                or tokens + len(req.encoder_ids) > self.config.max_num_tokens
+            ):
                 break
             if self.blocks_needed(req) > alloc.num_free:
                 break
@@ -202,8 +220,10 @@ class Engine:
             seq_lens=lens,
         )
         enc_out = self.encoder(batch)
-        slots = torch.tensor([s for r, n in zip(runs, lens, strict=True) for s in self.pool.slots(r.cross_blocks, 0, n)],
-                             device=dev)  # fmt: skip
+        slots = torch.tensor(
+            [s for r, n in zip(runs, lens, strict=True) for s in self.pool.slots(r.cross_blocks, 0, n)],
+            device=dev,
+        )
         for layer, (k, v) in enumerate(self.decoder.cross_kv(enc_out)):
             self.pool.write(layer, slots, k, v)
 
@@ -235,9 +255,12 @@ class Engine:
         req = GenerationRequest("score", encoder_ids, decoder_ids, SamplingParams(max_new_tokens=1))
         self.validate(req)
         alloc = self.pool.allocator
-        run = _Running(req, Hypotheses(req.params, self.eos_id, 0),
-                       alloc.allocate(self.pool.blocks_for(len(encoder_ids))),
-                       [alloc.allocate(self.pool.blocks_for(len(decoder_ids)))])  # fmt: skip
+        run = _Running(
+            req,
+            Hypotheses(req.params, self.eos_id, 0),
+            alloc.allocate(self.pool.blocks_for(len(encoder_ids))),
+            [alloc.allocate(self.pool.blocks_for(len(decoder_ids)))],
+        )
         try:
             self._encode_batch([run])
             return self._decode_batch([run], every_token=True)
@@ -293,8 +316,15 @@ class Engine:
             del self.running[run.req.request_id]
             self._free(run)
             tokens, reason = run.search.best()
-            out.results.append(GenerationResult(run.req.request_id, tokens, reason, len(run.req.encoder_ids),
-                                                first_token_time=run.first_token_time))  # fmt: skip
+            out.results.append(
+                GenerationResult(
+                    run.req.request_id,
+                    tokens,
+                    reason,
+                    len(run.req.encoder_ids),
+                    first_token_time=run.first_token_time,
+                )
+            )
             return
         forks = [(p, b) for b, p in enumerate(parents) if p != b]
         if forks:  # each beam owns its blocks: a beam that continues another copies its K/V
@@ -307,7 +337,9 @@ class Engine:
         log.exception("request %s failed", run.req.request_id)
         self.running.pop(run.req.request_id, None)
         self._free(run)
-        out.failures.append((run.req.request_id, RequestFailed(f"request {run.req.request_id} failed in the engine")))
+        out.failures.append(
+            (run.req.request_id, RequestFailed(f"request {run.req.request_id} failed in the engine"))
+        )
 
 
 def _pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:

@@ -43,8 +43,16 @@ class BlockAllocator:
 class KVPool:
     """Per decoder layer K and V tensors of shape [num_blocks, block_size, heads, head_size]."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, heads: int, head_size: int,
-                 dtype: torch.dtype, device: torch.device | str):  # fmt: skip
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        heads: int,
+        head_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         self.block_size, self.num_blocks = block_size, num_blocks
         shape = (num_blocks, block_size, heads, head_size)
         self.layers = [
@@ -54,7 +62,9 @@ class KVPool:
         self.allocator = BlockAllocator(num_blocks)
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, heads: int, head_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(
+        num_layers: int, block_size: int, heads: int, head_size: int, dtype: torch.dtype
+    ) -> int:
         return 2 * num_layers * block_size * heads * head_size * torch.finfo(dtype).bits // 8
 
     def blocks_for(self, num_tokens: int) -> int:

@@ -24,10 +24,16 @@ DUPLICATE_NAMES = ("embedding.vocab_embedding.weight",)
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
-def resolve_dtype(ckpt_dtype: torch.dtype, device: torch.device, dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(
+    ckpt_dtype: torch.dtype, device: torch.device, dtype: str | torch.dtype | None
+) -> torch.dtype:
     """The compute dtype: as asked, else the checkpoint's (fp16 on CPU runs as fp32: CPU fp16 GEMMs are slow)."""
     if dtype is not None:
         return getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -41,8 +47,10 @@ def load_component(component_dir: Path, device: torch.device, dtype: str | torch
     config = json.loads((component_dir / "config.json").read_text())
     cfg = ModelConfig.from_json(component_dir / "config.json")
     if cfg.tp_size != tp.world_size():
-        raise ValueError(f"{component_dir} was converted for tp_size={cfg.tp_size}; this process group has "
-                         f"{tp.world_size()} rank(s)")  # fmt: skip
+        raise ValueError(
+            f"{component_dir} was converted for tp_size={cfg.tp_size}; this process group has "
+            f"{tp.world_size()} rank(s)"
+        )
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device, dtype))
     with torch.device("meta"):
         module = Decoder(cfg) if cfg.is_decoder else Encoder(cfg)
@@ -59,8 +67,9 @@ def load_component(component_dir: Path, device: torch.device, dtype: str | torch
     return module.to(device).eval()
 
 
-def load_model(ckpt_dir: str | Path, device: torch.device | str | None = None,
-               dtype: str | torch.dtype | None = None) -> tuple[Encoder, Decoder]:  # fmt: skip
+def load_model(
+    ckpt_dir: str | Path, device: torch.device | str | None = None, dtype: str | torch.dtype | None = None
+) -> tuple[Encoder, Decoder]:
     ckpt_dir = Path(ckpt_dir)
     device = torch.device(device) if device is not None else default_device()
     encoder = load_component(ckpt_dir / "encoder", device, dtype)

@@ -20,7 +20,11 @@ from torch import nn
 
 from serve.runtime.layers import Embedding, LayerNorm, Linear
 
-ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,9 @@ class ModelConfig:
             if c[key] % tp:
                 raise ValueError(f"{key}={c[key]} is not divisible by tp_size={tp}")
         if c.get("relative_attention") or c.get("layernorm_type", 0) != 0 or c.get("mlp_type", 0) != 0:
-            raise ValueError("only learned-position LayerNorm MLP encoder-decoders (BART/mBART) are supported")
+            raise ValueError(
+                "only learned-position LayerNorm MLP encoder-decoders (BART/mBART) are supported"
+            )
         return cls(
             num_layers=c["num_hidden_layers"],
             hidden_size=c["hidden_size"],
@@ -210,7 +216,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.mlp_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, b: DecoderBatch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, b: DecoderBatch, kv: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         k_pool, v_pool = kv  # this layer's [2][num_blocks, block_size, h, d]
 
         def self_attend(h: torch.Tensor) -> torch.Tensor:

@@ -23,24 +23,45 @@ def default_max_new_tokens(src_len: int) -> int:
 
 
 class Translator:
-    def __init__(self, ckpt_dir: str | Path, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, engine_config: EngineConfig | None = None):  # fmt: skip
+    def __init__(
+        self,
+        ckpt_dir: str | Path,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        engine_config: EngineConfig | None = None,
+    ):
         ckpt_dir = Path(ckpt_dir)
         self.device = torch.device(device) if device is not None else default_device()
         self.tokenizer = TranslationTokenizer(ckpt_dir)
         self.encoder, self.decoder = load_model(ckpt_dir, self.device, dtype)
-        self.engine = Engine(self.encoder, self.decoder, engine_config or EngineConfig(),
-                             eos_id=self.tokenizer.eos_token_id, device=self.device)  # fmt: skip
+        self.engine = Engine(
+            self.encoder,
+            self.decoder,
+            engine_config or EngineConfig(),
+            eos_id=self.tokenizer.eos_token_id,
+            device=self.device,
+        )
         meta = ckpt_dir / "conversion.json"
-        self.model_id = json.loads(meta.read_text()).get("source", ckpt_dir.name) if meta.exists() else ckpt_dir.name
+        self.model_id = (
+            json.loads(meta.read_text()).get("source", ckpt_dir.name) if meta.exists() else ckpt_dir.name
+        )
 
     @classmethod
-    def load(cls, ckpt_dir: str | Path, device: str | torch.device | None = None,
-             dtype: str | torch.dtype | None = None, **engine_kwargs) -> Translator:  # fmt: skip
+    def load(
+        cls,
+        ckpt_dir: str | Path,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        **engine_kwargs,
+    ) -> Translator:
         return cls(ckpt_dir, device, dtype, EngineConfig(**engine_kwargs) if engine_kwargs else None)
 
-    def generate_ids(self, encoder_ids: list[list[int]], decoder_prefixes: list[list[int]],
-                     params: SamplingParams | list[SamplingParams]) -> list[list[int]]:  # fmt: skip
+    def generate_ids(
+        self,
+        encoder_ids: list[list[int]],
+        decoder_prefixes: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+    ) -> list[list[int]]:
         """Generated ids (after the prefix, without EOS) for each source, batched in flight."""
         plist = params if isinstance(params, list) else [params] * len(encoder_ids)
         ids = [uuid.uuid4().hex for _ in encoder_ids]
@@ -49,26 +70,38 @@ class Translator:
         results: dict[str, list[int]] = {}
         while len(results) < len(ids):
             out = self.engine.step()
-            for rid, err in out.failures:
-                for other in ids:
-                    self.engine.abort(other)
-                raise err
+            if out.failures:
+                for rid in ids:
+                    self.engine.abort(rid)
+                raise out.failures[0][1]
             results.update({r.request_id: r.token_ids for r in out.results})
         return [results[rid] for rid in ids]
 
-    def translate(self, texts: list[str], src_lang: str, tgt_lang: str, beam_size: int = 1,
-                  max_new_tokens: int | None = None, length_penalty: float = 1.0) -> list[str]:  # fmt: skip
+    def translate(
+        self,
+        texts: list[str],
+        src_lang: str,
+        tgt_lang: str,
+        beam_size: int = 1,
+        max_new_tokens: int | None = None,
+        length_penalty: float = 1.0,
+    ) -> list[str]:
         src, tgt = self.tokenizer.language(src_lang), self.tokenizer.language(tgt_lang)
         encoder_ids = self.tokenizer.encode(texts, src)
         prefix = self.tokenizer.decoder_prefix(tgt)
         params = [
-            SamplingParams(beam_size=beam_size, length_penalty=length_penalty,
-                           max_new_tokens=max_new_tokens or default_max_new_tokens(len(e)))  # fmt: skip
+            SamplingParams(
+                beam_size=beam_size,
+                length_penalty=length_penalty,
+                max_new_tokens=max_new_tokens or default_max_new_tokens(len(e)),
+            )
             for e in encoder_ids
         ]
         out = self.generate_ids(encoder_ids, [prefix] * len(texts), params)
         return [self.tokenizer.decode(ids) for ids in out]
 
-    def teacher_forced_logits(self, encoder_ids: list[list[int]], decoder_ids: list[list[int]]) -> list[torch.Tensor]:
+    def teacher_forced_logits(
+        self, encoder_ids: list[list[int]], decoder_ids: list[list[int]]
+    ) -> list[torch.Tensor]:
         """Float32 logits [len(dec), vocab] at every decoder position (for KL / agreement metrics)."""
         return [self.engine.score(enc, dec) for enc, dec in zip(encoder_ids, decoder_ids, strict=True)]
