@@ -14,6 +14,19 @@ import torch
 
 from eval.data import calib_languages, calib_path, read_lines
 
+# mBART-large-50's shape (random weights), for GPU parity runs and benchmarks.
+LARGE_DIMS = dict(
+    d_model=1024,
+    encoder_layers=12,
+    decoder_layers=12,
+    encoder_attention_heads=16,
+    decoder_attention_heads=16,
+    encoder_ffn_dim=4096,
+    decoder_ffn_dim=4096,
+    max_position_embeddings=1024,
+    vocab_size=250054,
+    init_std=0.02,
+)
 TINY_DIMS = dict(
     d_model=64,
     encoder_layers=2,
@@ -49,15 +62,19 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 2000, lines_per_lang: int =
 
 
 def build_tiny_mbart(out_dir: Path, seed: int = 0, **overrides) -> Path:
-    """Write a tiny random `MBartForConditionalGeneration` with its tokenizer to `out_dir`."""
+    """Write a tiny random `MBartForConditionalGeneration` with its tokenizer to `out_dir`.
+
+    `overrides` change the config (e.g. `**LARGE_DIMS`); a vocabulary larger than the tokenizer's
+    is fine (the extra rows are never produced by tokenizing, only by generating).
+    """
     from transformers import AutoTokenizer, MBartConfig, MBartForConditionalGeneration
 
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as spm_dir:
         tok = AutoTokenizer.from_pretrained(train_tokenizer(Path(spm_dir)))
+    dims = {"vocab_size": len(tok), "init_std": 0.5, **TINY_DIMS, **overrides}
     cfg = MBartConfig(
-        vocab_size=len(tok),
-        **{**TINY_DIMS, **overrides},
+        **dims,
         scale_embedding=True,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
@@ -67,7 +84,6 @@ def build_tiny_mbart(out_dir: Path, seed: int = 0, **overrides) -> Path:
         dropout=0.0,
         attention_dropout=0.0,
         activation_dropout=0.0,
-        init_std=0.5,
     )
     torch.manual_seed(seed)
     model = MBartForConditionalGeneration(cfg).eval()

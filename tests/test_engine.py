@@ -134,10 +134,10 @@ def test_failure_in_one_request_fails_it_alone(model, tok, monkeypatch):
     real_step = Hypotheses.step
     failing = {}
 
-    def faulty(self, logits):
+    def faulty(self, values, ids):
         if self.params is failing.get("params") and self.num_generated == 2:
             raise RuntimeError("injected")
-        return real_step(self, logits)
+        return real_step(self, values, ids)
 
     monkeypatch.setattr(Hypotheses, "step", faulty)
     failing["params"] = reqs[2].params

@@ -24,6 +24,7 @@ import torch
 from serve.engine.errors import RequestFailed, RequestTooLarge
 from serve.engine.request import GenerationRequest, GenerationResult, SamplingParams
 from serve.engine.search import Hypotheses
+from serve.runtime.decode_step import DecodeRunner
 from serve.runtime.kv_cache import KVPool
 from serve.runtime.model import Decoder, DecoderBatch, Encoder, EncoderBatch
 
@@ -36,7 +37,9 @@ class EngineConfig:
     max_num_tokens: int = 4096  # encoder tokens admitted per step
     kv_block_size: int = 16
     num_kv_blocks: int | None = None  # None: as many as max_batch_size full-length sequences need
+    max_beam_width: int = 4
     static_batching: bool = False  # baseline: admit only into an empty batch, run it to completion
+    cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA only)
     trace_steps: int = 0  # keep a trace of the last N steps (tests, debugging)
 
 
@@ -90,6 +93,10 @@ class Engine:
             dcfg.dtype,
             self.device,
         )
+        width = self.pool.blocks_for(self.max_positions)
+        use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        self.runner = DecodeRunner(decoder, self.pool, eos_id, 2 * config.max_beam_width, width, width,
+                                   max_rows=2 * config.max_batch_size, use_graphs=use_graphs)  # fmt: skip
         self.waiting: OrderedDict[str, GenerationRequest] = OrderedDict()
         self.running: OrderedDict[str, _Running] = OrderedDict()
         self.trace: deque[StepRecord] = deque(maxlen=config.trace_steps or 1)
@@ -121,8 +128,11 @@ class Engine:
             raise RequestTooLarge(
                 f"source has {n_src} tokens; max_num_tokens is {self.config.max_num_tokens}"
             )
-        if p.beam_size > self.config.max_batch_size or self.blocks_needed(req) > self.pool.num_blocks:
-            raise RequestTooLarge(f"beam_size {p.beam_size} / KV needs exceed the engine's capacity")
+        if not 1 <= p.beam_size <= min(self.config.max_beam_width, self.config.max_batch_size):
+            raise RequestTooLarge(f"beam_size must be 1..{self.config.max_beam_width}, got {p.beam_size}")
+        if self.blocks_needed(req) > self.pool.num_blocks:
+            raise RequestTooLarge(f"the request needs {self.blocks_needed(req)} KV blocks; the pool has "
+                                  f"{self.pool.num_blocks}")  # fmt: skip
 
     def add(self, req: GenerationRequest) -> None:
         self.validate(req)
@@ -230,13 +240,11 @@ class Engine:
     def _decode(self, out: StepOutput) -> None:
         runs = list(self.running.values())
         try:
-            logits = self._decode_batch(runs)
-        except Exception:
-            logits = None
-        if logits is None:  # isolate the failing request(s); K/V rewrites are idempotent
+            values, ids = self._decode_batch(runs)
+        except Exception:  # isolate the failing request(s); K/V rewrites are idempotent
             for run in runs:
                 try:
-                    self._advance(run, self._decode_batch([run]), out)
+                    self._advance(run, *self._decode_batch([run]), out)
                 except Exception:
                     self._fail(run, out)
             return
@@ -244,10 +252,16 @@ class Engine:
         for run in runs:
             n = 1 if run.cached == 0 else len(run.search.running)
             try:
-                self._advance(run, logits[offset : offset + n], out)
+                self._advance(run, values[offset : offset + n], ids[offset : offset + n], out)
             except Exception:
                 self._fail(run, out)
             offset += n
+
+    def _decode_batch(self, runs: list[_Running]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-K (log-prob, id) [beams, K] of the next token of every running beam, in order."""
+        batch, last, eos_mask = self._build_batch(runs)
+        values, ids = self.runner(batch, eos_mask)
+        return values[last], ids[last]
 
     @torch.inference_mode()
     def score(self, encoder_ids: list[int], decoder_ids: list[int]) -> torch.Tensor:
@@ -255,26 +269,28 @@ class Engine:
         req = GenerationRequest("score", encoder_ids, decoder_ids, SamplingParams(max_new_tokens=1))
         self.validate(req)
         alloc = self.pool.allocator
-        run = _Running(
-            req,
-            Hypotheses(req.params, self.eos_id, 0),
-            alloc.allocate(self.pool.blocks_for(len(encoder_ids))),
-            [alloc.allocate(self.pool.blocks_for(len(decoder_ids)))],
-        )
+        cross = alloc.allocate(self.pool.blocks_for(len(encoder_ids)))
+        run = _Running(req, Hypotheses(req.params, self.eos_id, 0), cross,
+                       [alloc.allocate(self.pool.blocks_for(len(decoder_ids)))])  # fmt: skip
         try:
             self._encode_batch([run])
-            return self._decode_batch([run], every_token=True)
+            batch, _, _ = self._build_batch([run], every_token=True)
+            return self.decoder(batch.to(self.device), self.pool.layers).cpu()
         finally:
             self._free(run)
 
-    def _decode_batch(self, runs: list[_Running], every_token: bool = False) -> torch.Tensor:
-        tokens, positions, slots, tables, ctx_lens, cross_tables, cross_lens, last = ([] for _ in range(8))
+    def _build_batch(self, runs: list[_Running], every_token: bool = False):
+        """CPU DecoderBatch of this step's query rows, the rows whose output counts, and EOS masks."""
+        tokens, positions, slots, tables, ctx_lens, cross_tables, cross_lens, last, eos = (
+            [] for _ in range(9)
+        )
         for run in runs:
             src_len = len(run.req.encoder_ids)
             if run.cached == 0:  # new request: feed the forced prefix on beam 0 only
                 feeds = [(0, run.req.decoder_prefix)]
             else:
                 feeds = [(b, [seq[-1]]) for b, seq in enumerate(run.search.running)]
+            blocked = run.search.eos_blocked
             for beam, toks in feeds:
                 blocks = run.beam_blocks[beam]
                 for i, tok in enumerate(toks):
@@ -286,27 +302,20 @@ class Engine:
                     ctx_lens.append(pos + 1)
                     cross_tables.append(run.cross_blocks)
                     cross_lens.append(src_len)
+                    eos.append(blocked)
                     if every_token:
                         last.append(len(tokens) - 1)
                 if not every_token:
                     last.append(len(tokens) - 1)
-        dev = self.device
-        batch = DecoderBatch(
-            tokens=torch.tensor(tokens, device=dev),
-            positions=torch.tensor(positions, device=dev),
-            slots=torch.tensor(slots, device=dev),
-            ctx_tables=_pad(tables, dev),
-            ctx_lens=torch.tensor(ctx_lens, device=dev),
-            cross_tables=_pad(cross_tables, dev),
-            cross_lens=torch.tensor(cross_lens, device=dev),
-            logit_rows=torch.tensor(last, device=dev),
-        )
-        return self.decoder(batch, self.pool.layers).cpu()
+        t = torch.tensor
+        batch = DecoderBatch(t(tokens), t(positions), t(slots), _pad(tables), t(ctx_lens), _pad(cross_tables),
+                             t(cross_lens), t(last) if every_token else None)  # fmt: skip
+        return batch, t(last), t(eos)
 
-    def _advance(self, run: _Running, logits: torch.Tensor, out: StepOutput) -> None:
-        """Feed one step's logits to the request's search and fork beams' K/V to their parents."""
+    def _advance(self, run: _Running, values: torch.Tensor, ids: torch.Tensor, out: StepOutput) -> None:
+        """Feed one step's top-K candidates to the request's search and fork beams' K/V."""
         fed = len(run.req.decoder_prefix) if run.cached == 0 else 1
-        parents = run.search.step(logits)
+        parents = run.search.step(values, ids)
         run.cached += fed
         self.generated_tokens += 1
         if run.first_token_time is None:
@@ -342,6 +351,6 @@ class Engine:
         )
 
 
-def _pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+def _pad(rows: list[list[int]]) -> torch.Tensor:
     width = max(len(r) for r in rows)
-    return torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows])

@@ -42,32 +42,34 @@ class Hypotheses:
     def num_generated(self) -> int:
         return len(self.running[0])
 
-    def _mask_eos(self, logprobs: torch.Tensor) -> torch.Tensor:
-        if self.num_generated < self.params.min_new_tokens:
-            logprobs = logprobs.clone()
-            logprobs[:, self.eos_id] = float("-inf")
-        return logprobs
+    @property
+    def eos_blocked(self) -> bool:
+        """EOS is not allowed yet (min_new_tokens); the device masks it before choosing."""
+        return self.num_generated < self.params.min_new_tokens
 
-    def step(self, logits: torch.Tensor) -> list[int]:
-        """Consume float32 logits [len(running), V]; return, per new running beam, its parent index."""
+    def step(self, values: torch.Tensor, ids: torch.Tensor) -> list[int]:
+        """Consume the top-K log-probs and ids [len(running), K] of each running beam.
+
+        Returns, per new running beam, the index of the beam it continues.
+        """
         if self.params.beam_size == 1:
-            return self._greedy(logits)
-        return self._beam(torch.log_softmax(logits, dim=-1))
+            return self._greedy(int(ids[0, 0]))
+        return self._beam(values, ids)
 
-    def _greedy(self, logits: torch.Tensor) -> list[int]:
-        token = int(self._mask_eos(logits)[0].argmax())
+    def _greedy(self, token: int) -> list[int]:
         self.running[0].append(token)
         if token == self.eos_id or self.num_generated >= self.params.max_new_tokens:
             self.finished[0] = self.running[0]
             self.done = True
         return [0]
 
-    def _beam(self, logprobs: torch.Tensor) -> list[int]:
+    def _beam(self, values: torch.Tensor, ids: torch.Tensor) -> list[int]:
         k, p = self.params.beam_size, self.params
-        vocab = logprobs.shape[-1]
-        scores = (self._mask_eos(logprobs) + self.running_scores[:, None]).reshape(-1)
+        width = values.shape[-1]
+        scores = (values + self.running_scores[:, None]).reshape(-1)
         top_scores, top_idx = torch.topk(scores, k=min(2 * k, scores.numel()))
-        parents, tokens = (top_idx // vocab).tolist(), (top_idx % vocab).tolist()
+        parents = (top_idx // width).tolist()
+        tokens = ids.reshape(-1)[top_idx].tolist()
         n_new = self.num_generated + 1
         hits = torch.tensor([t == self.eos_id or n_new >= p.max_new_tokens for t in tokens])
         candidates = [self.running[b] + [t] for b, t in zip(parents, tokens, strict=True)]

@@ -54,7 +54,9 @@ class KVPool:
         device: torch.device | str,
     ):
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (num_blocks, block_size, heads, head_size)
+        # One extra block that no sequence owns: padding rows of a CUDA-graph batch write there.
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, heads, head_size)
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(num_layers)

@@ -4,11 +4,13 @@ Module paths equal TensorRT-LLM tensor names (`transformer.layers.0.attention.qk
 a rank file loads with `load_state_dict`. Layers hold this rank's shard: `heads` and `ffn`
 are already divided by the TP size. Layouts follow TRT-LLM's "remove input padding" mode:
 tokens of all sequences are packed into one [tokens, hidden] tensor and metadata says where
-each sequence starts. Decoder K/V live in a paged pool (`serve.runtime.kv_cache`).
+each sequence starts. Decoder K/V live in a paged pool (`serve.runtime.kv_cache`); every new
+decoder token is one query row of `serve.runtime.kernels.paged_attention`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve.runtime.kernels import paged_attention
 from serve.runtime.layers import Embedding, LayerNorm, Linear
 
 ACTIVATIONS = {
@@ -107,7 +110,11 @@ class DecoderBatch:
     ctx_lens: torch.Tensor  # [N]
     cross_tables: torch.Tensor  # [N, max_cross_blocks]
     cross_lens: torch.Tensor  # [N]
-    logit_rows: torch.Tensor  # [B]
+    logit_rows: torch.Tensor | None = None  # [B]; None: every row
+
+    def to(self, device: torch.device) -> DecoderBatch:
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return DecoderBatch(*(None if t is None else t.to(device) for t in values))
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
@@ -130,22 +137,6 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=1.0)
     return out.transpose(1, 2)[seq_idx, pos_in_seq]
-
-
-def paged_attention(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor
-) -> torch.Tensor:
-    """Each query row attends to the first `lens[i]` positions of its block table: [N, h, d].
-
-    Reference implementation: gathers the blocks into a padded batch. Pools are
-    [num_blocks, block_size, h, d].
-    """
-    n, max_blocks = tables.shape
-    block_size = k_pool.shape[1]
-    k = k_pool[tables].reshape(n, max_blocks * block_size, *k_pool.shape[2:]).transpose(1, 2)
-    v = v_pool[tables].reshape(n, max_blocks * block_size, *v_pool.shape[2:]).transpose(1, 2)
-    mask = (torch.arange(max_blocks * block_size, device=q.device)[None, :] < lens[:, None])[:, None, None, :]
-    return F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=1.0)[:, :, 0, :]
 
 
 class Attention(nn.Module):
@@ -285,7 +276,7 @@ class Decoder(nn.Module):
         x = self.transformer.embed(b.tokens, b.positions)
         for layer, kv in zip(self.transformer.layers, kv_pools, strict=True):
             x = layer(x, b, kv)
-        x = self.transformer.ln_f(x[b.logit_rows])
+        x = self.transformer.ln_f(x if b.logit_rows is None else x[b.logit_rows])
         return gather_vocab(self.lm_head(x).float())[:, : self.cfg.vocab_size]
 
 

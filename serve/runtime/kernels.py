@@ -1,0 +1,91 @@
+"""Paged attention for decoder query rows: a Triton kernel on CUDA, a gather reference elsewhere.
+
+Each query row (one new decoder token) attends to the first `lens[row]` positions stored in
+the blocks of `tables[row]`. The kernel reads only those blocks, with an online softmax, so
+its cost follows the real context length rather than the table width; that also makes it
+safe to capture in a CUDA graph with fixed-width tables. The reference is the definition the
+kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+
+def paged_attention_reference(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor
+) -> torch.Tensor:
+    """q [N, h, d] (scale folded in), pools [blocks, block_size, h, d] -> [N, h, d]."""
+    n, max_blocks = tables.shape
+    block_size = k_pool.shape[1]
+    k = k_pool[tables].reshape(n, max_blocks * block_size, *k_pool.shape[2:]).transpose(1, 2)
+    v = v_pool[tables].reshape(n, max_blocks * block_size, *v_pool.shape[2:]).transpose(1, 2)
+    mask = (torch.arange(max_blocks * block_size, device=q.device)[None, :] < lens[:, None])[:, None, None, :]
+    return F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=1.0)[:, :, 0, :]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_attention_kernel(
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr,
+        stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh,
+        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        dims = tl.arange(0, HEAD_DIM)
+        offs = tl.arange(0, BLOCK_SIZE)
+        q = tl.load(q_ptr + row * stride_qn + head * stride_qh + dims).to(tl.float32)
+        length = tl.load(lens_ptr + row)
+        m = tl.full((), float("-inf"), tl.float32)
+        denom = tl.zeros((), tl.float32)
+        acc = tl.zeros((HEAD_DIM,), tl.float32)
+        for b in range(0, tl.cdiv(length, BLOCK_SIZE)):
+            block = tl.load(tables_ptr + row * stride_tn + b).to(tl.int64)
+            valid = b * BLOCK_SIZE + offs < length
+            kv_off = block * stride_kb + offs[:, None] * stride_ks + head * stride_kh + dims[None, :]
+            k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            p = tl.exp(s - m_new)
+            alpha = tl.exp(m - m_new)
+            v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+            denom = denom * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m = m_new
+        out = acc / denom
+        tl.store(out_ptr + row * stride_on + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_attention_triton(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor
+) -> torch.Tensor:
+    n, heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    _paged_attention_kernel[(n, heads)](
+        q, k_pool, v_pool, tables, lens, out,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), tables.stride(0),
+        out.stride(0), out.stride(1), BLOCK_SIZE=k_pool.shape[1], HEAD_DIM=head_dim,
+    )  # fmt: skip
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor
+) -> torch.Tensor:
+    """Dispatch: Triton on CUDA (power-of-two head and block sizes), the reference otherwise."""
+    if q.is_cuda and triton is not None and _pow2(q.shape[-1]) and _pow2(k_pool.shape[1]):
+        return paged_attention_triton(q.contiguous(), k_pool, v_pool, tables, lens)
+    return paged_attention_reference(q, k_pool, v_pool, tables, lens)
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
