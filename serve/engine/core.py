@@ -26,7 +26,7 @@ from serve.engine.request import GenerationRequest, GenerationResult, SamplingPa
 from serve.engine.search import Hypotheses
 from serve.runtime.decode_step import DecodeRunner
 from serve.runtime.kv_cache import KVPool
-from serve.runtime.model import Decoder, DecoderBatch, Encoder, EncoderBatch
+from serve.runtime.model import Decoder, Encoder, EncoderBatch
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class _Running:
     search: Hypotheses
     cross_blocks: list[int]
     beam_blocks: list[list[int]]
+    rows: list[int] = field(default_factory=list)  # the runner's table row of each beam
     cached: int = 0  # decoder positions whose K/V are in the pool (same for every beam)
     first_token_time: float | None = None
 
@@ -93,10 +94,12 @@ class Engine:
             dcfg.dtype,
             self.device,
         )
-        width = self.pool.blocks_for(self.max_positions)
-        use_graphs = config.cuda_graphs and self.device.type == "cuda"
-        self.runner = DecodeRunner(decoder, self.pool, eos_id, 2 * config.max_beam_width, width, width,
-                                   max_rows=2 * config.max_batch_size, use_graphs=use_graphs)  # fmt: skip
+        self.runner = DecodeRunner(
+            decoder, self.pool, eos_id, k=2 * config.max_beam_width,
+            num_rows=config.max_batch_size + 1,  # one per running beam, plus one for `score`
+            table_width=self.pool.blocks_for(self.max_positions), max_rows=2 * config.max_batch_size,
+            use_graphs=config.cuda_graphs and self.device.type == "cuda",
+        )  # fmt: skip
         self.waiting: OrderedDict[str, GenerationRequest] = OrderedDict()
         self.running: OrderedDict[str, _Running] = OrderedDict()
         self.trace: deque[StepRecord] = deque(maxlen=config.trace_steps or 1)
@@ -157,10 +160,24 @@ class Engine:
     def num_rows(self) -> int:
         return sum(len(r.search.running) if r.cached else 1 for r in self.running.values())
 
+    def _reserve(self, req: GenerationRequest, beams: int, self_tokens: int) -> _Running:
+        """Allocate a request's blocks and table rows (the caller checked that they fit)."""
+        alloc, n_src = self.pool.allocator, len(req.encoder_ids)
+        run = _Running(
+            req=req,
+            search=Hypotheses(req.params, self.eos_id, length_offset=len(req.decoder_prefix) - 1),
+            cross_blocks=alloc.allocate(self.pool.blocks_for(n_src)),
+            beam_blocks=[alloc.allocate(self.pool.blocks_for(self_tokens)) for _ in range(beams)],
+        )
+        run.rows = [self.runner.open_row(b, run.cross_blocks, n_src) for b in run.beam_blocks]
+        return run
+
     def _free(self, run: _Running) -> None:
         self.pool.allocator.free(run.cross_blocks)
         for blocks in run.beam_blocks:
             self.pool.allocator.free(blocks)
+        for row in run.rows:
+            self.runner.close_row(row)
 
     # ---- one iteration ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -194,13 +211,7 @@ class Engine:
             if self.blocks_needed(req) > alloc.num_free:
                 break
             del self.waiting[req.request_id]
-            self_blocks = self.pool.blocks_for(len(req.decoder_prefix) + req.params.max_new_tokens)
-            run = _Running(
-                req=req,
-                search=Hypotheses(req.params, self.eos_id, length_offset=len(req.decoder_prefix) - 1),
-                cross_blocks=alloc.allocate(self.pool.blocks_for(len(req.encoder_ids))),
-                beam_blocks=[alloc.allocate(self_blocks) for _ in range(k)],
-            )
+            run = self._reserve(req, k, len(req.decoder_prefix) + req.params.max_new_tokens)
             self.running[req.request_id] = run
             admitted.append(run)
             tokens += len(req.encoder_ids)
@@ -259,8 +270,20 @@ class Engine:
 
     def _decode_batch(self, runs: list[_Running]) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-K (log-prob, id) [beams, K] of the next token of every running beam, in order."""
-        batch, last, eos_mask = self._build_batch(runs)
-        values, ids = self.runner(batch, eos_mask)
+        rows, tokens, positions, blocked, last = [], [], [], [], []
+        for run in runs:
+            if run.cached == 0:  # new request: feed the forced prefix on beam 0 only
+                feeds = [(run.rows[0], run.req.decoder_prefix)]
+            else:
+                feeds = [(row, seq[-1:]) for row, seq in zip(run.rows, run.search.running, strict=False)]
+            eos_blocked = run.search.eos_blocked
+            for row, toks in feeds:
+                rows.extend([row] * len(toks))
+                tokens.extend(toks)
+                positions.extend(range(run.cached, run.cached + len(toks)))
+                blocked.extend([eos_blocked] * len(toks))
+                last.append(len(rows) - 1)
+        values, ids = self.runner(rows, tokens, positions, blocked)
         return values[last], ids[last]
 
     @torch.inference_mode()
@@ -268,49 +291,13 @@ class Engine:
         """Teacher-forced float32 logits [len(decoder_ids), vocab], outside the running batch."""
         req = GenerationRequest("score", encoder_ids, decoder_ids, SamplingParams(max_new_tokens=1))
         self.validate(req)
-        alloc = self.pool.allocator
-        cross = alloc.allocate(self.pool.blocks_for(len(encoder_ids)))
-        run = _Running(req, Hypotheses(req.params, self.eos_id, 0), cross,
-                       [alloc.allocate(self.pool.blocks_for(len(decoder_ids)))])  # fmt: skip
+        run = self._reserve(req, 1, len(decoder_ids))
         try:
             self._encode_batch([run])
-            batch, _, _ = self._build_batch([run], every_token=True)
-            return self.decoder(batch.to(self.device), self.pool.layers).cpu()
+            n = len(decoder_ids)
+            return self.runner.logits([run.rows[0]] * n, decoder_ids, list(range(n)))
         finally:
             self._free(run)
-
-    def _build_batch(self, runs: list[_Running], every_token: bool = False):
-        """CPU DecoderBatch of this step's query rows, the rows whose output counts, and EOS masks."""
-        tokens, positions, slots, tables, ctx_lens, cross_tables, cross_lens, last, eos = (
-            [] for _ in range(9)
-        )
-        for run in runs:
-            src_len = len(run.req.encoder_ids)
-            if run.cached == 0:  # new request: feed the forced prefix on beam 0 only
-                feeds = [(0, run.req.decoder_prefix)]
-            else:
-                feeds = [(b, [seq[-1]]) for b, seq in enumerate(run.search.running)]
-            blocked = run.search.eos_blocked
-            for beam, toks in feeds:
-                blocks = run.beam_blocks[beam]
-                for i, tok in enumerate(toks):
-                    pos = run.cached + i
-                    tokens.append(tok)
-                    positions.append(pos)
-                    slots.extend(self.pool.slots(blocks, pos, 1))
-                    tables.append(blocks[: self.pool.blocks_for(pos + 1)])
-                    ctx_lens.append(pos + 1)
-                    cross_tables.append(run.cross_blocks)
-                    cross_lens.append(src_len)
-                    eos.append(blocked)
-                    if every_token:
-                        last.append(len(tokens) - 1)
-                if not every_token:
-                    last.append(len(tokens) - 1)
-        t = torch.tensor
-        batch = DecoderBatch(t(tokens), t(positions), t(slots), _pad(tables), t(ctx_lens), _pad(cross_tables),
-                             t(cross_lens), t(last) if every_token else None)  # fmt: skip
-        return batch, t(last), t(eos)
 
     def _advance(self, run: _Running, values: torch.Tensor, ids: torch.Tensor, out: StepOutput) -> None:
         """Feed one step's top-K candidates to the request's search and fork beams' K/V."""
@@ -349,8 +336,3 @@ class Engine:
         out.failures.append(
             (run.req.request_id, RequestFailed(f"request {run.req.request_id} failed in the engine"))
         )
-
-
-def _pad(rows: list[list[int]]) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [0] * (width - len(r)) for r in rows])

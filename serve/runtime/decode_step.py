@@ -1,13 +1,14 @@
 """One decoder step and its token choice on the device, optionally replayed as a CUDA graph.
 
-The step returns, for every query row, the top-K log-probabilities and token ids (EOS masked
-where a request is below `min_new_tokens`). That is all greedy (K=1) and beam search (the
-best 2*beam of each beam contain the best 2*beam overall) need, so only [rows, K] numbers
-leave the GPU instead of [rows, vocab] logits.
+Block tables live on the device in fixed "rows" (one per running beam), written once when a
+request is admitted. A step then uploads only four integers per query row (row, token,
+position, EOS-blocked) in one copy; slots, context lengths and tables are derived on the
+device. The step returns, for every query row, the top-K log-probabilities and token ids:
+all greedy (K=1) and beam search (the best 2*beam of each beam contain the best 2*beam
+overall) need, so only [rows, K] numbers come back instead of [rows, vocab] logits.
 
-On CUDA, steps of up to `max(buckets)` rows run as CUDA graphs captured per row-count bucket
-(padding rows write into the pool's scratch block and are ignored); the tables are padded to
-a fixed width, which the paged-attention kernel never reads past `lens`.
+On CUDA, steps of up to `max_rows` query rows replay CUDA graphs captured per row-count
+bucket; padding rows point at a scratch row whose blocks no sequence owns.
 """
 
 from __future__ import annotations
@@ -20,83 +21,85 @@ from serve.runtime.model import Decoder, DecoderBatch
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def decode_topk(
-    decoder: Decoder, pool: KVPool, batch: DecoderBatch, eos_mask: torch.Tensor, eos_id: int, k: int
-):
-    """Top-k log-probs and ids [rows, k] of the next token for every row of `batch`."""
-    logp = torch.log_softmax(decoder(batch, pool.layers), dim=-1)
-    logp[:, eos_id] = logp[:, eos_id].masked_fill(eos_mask, float("-inf"))
-    return torch.topk(logp, k, dim=-1)
-
-
 class DecodeRunner:
-    """Runs `decode_topk` eagerly (CPU, or rows beyond the largest bucket) or as CUDA graphs."""
-
-    def __init__(self, decoder: Decoder, pool: KVPool, eos_id: int, k: int, table_width: int,
-                 cross_width: int, max_rows: int, use_graphs: bool):  # fmt: skip
+    def __init__(self, decoder: Decoder, pool: KVPool, eos_id: int, k: int, num_rows: int, table_width: int,
+                 max_rows: int, use_graphs: bool):  # fmt: skip
         self.decoder, self.pool, self.eos_id, self.k = decoder, pool, eos_id, k
-        self.widths = (table_width, cross_width)
-        self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows] if use_graphs else []
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, DecoderBatch, torch.Tensor, tuple]] = {}
-        self._mempool = None
-
-    def __call__(self, batch: DecoderBatch, eos_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`batch` and `eos_mask` on the CPU; returns (values, ids) [rows, k] on the CPU."""
-        rows = batch.tokens.shape[0]
-        bucket = next((b for b in self.buckets if b >= rows), None)
-        if bucket is None:
-            dev = self.pool.layers[0][0].device
-            args = (self.decoder, self.pool, batch.to(dev), eos_mask.to(dev), self.eos_id, self.k)
-            values, ids = decode_topk(*args)
-        else:
-            graph, static, static_mask, (values, ids) = self._graph(bucket)
-            self._fill(static, static_mask, batch, eos_mask)
-            graph.replay()
-        return values[:rows].cpu(), ids[:rows].cpu()
-
-    def _fill(
-        self, static: DecoderBatch, static_mask: torch.Tensor, batch: DecoderBatch, eos_mask: torch.Tensor
-    ):
-        n = batch.tokens.shape[0]
-        scratch = self.pool.scratch_block
-        static.tokens[:n].copy_(batch.tokens, non_blocking=True)
-        static.positions[:n].copy_(batch.positions, non_blocking=True)
-        static.slots[:n].copy_(batch.slots, non_blocking=True)
-        static.slots[n:] = scratch * self.pool.block_size
-        pairs = (
-            (static.ctx_tables, static.ctx_lens, batch.ctx_tables, batch.ctx_lens),
-            (static.cross_tables, static.cross_lens, batch.cross_tables, batch.cross_lens),
+        dev = pool.layers[0][0].device
+        self.device = dev
+        self.scratch_row = num_rows
+        self.tables = torch.full(
+            (num_rows + 1, table_width), pool.scratch_block, dtype=torch.long, device=dev
         )
-        for table, lens, src, src_lens in pairs:
-            table[:n, : src.shape[1]].copy_(src, non_blocking=True)
-            table[n:, 0] = scratch
-            lens[:n].copy_(src_lens, non_blocking=True)
-            lens[n:] = 1
-        static_mask[:n].copy_(eos_mask, non_blocking=True)
+        self.cross_tables = self.tables.clone()
+        self.cross_lens = torch.ones(num_rows + 1, dtype=torch.long, device=dev)
+        self.free_rows = list(range(num_rows - 1, -1, -1))
+        self.buckets = ([b for b in BUCKETS if b < max_rows] + [max_rows]) if use_graphs else []
+        self.graphs: dict[
+            int, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+        ] = {}
+        self._mempool = None
+        pad = torch.tensor([[self.scratch_row], [0], [0], [0]], device=dev)
+        self._padding = pad.expand(4, max(self.buckets, default=1))  # query rows that do nothing
 
-    def _graph(self, rows: int):
-        if rows in self.graphs:
-            return self.graphs[rows]
-        dev = self.pool.layers[0][0].device
-        w, c = self.widths
-        z = lambda *shape: torch.zeros(shape, dtype=torch.long, device=dev)  # noqa: E731
-        static = DecoderBatch(z(rows), z(rows), z(rows), z(rows, w), z(rows), z(rows, c), z(rows))
-        static.slots.fill_(self.pool.scratch_block * self.pool.block_size)
-        for t in (static.ctx_tables, static.cross_tables):
-            t.fill_(self.pool.scratch_block)
-        static.ctx_lens.fill_(1)
-        static.cross_lens.fill_(1)
-        mask = torch.zeros(rows, dtype=torch.bool, device=dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm up kernels (Triton autotune/compile) outside the capture
-                decode_topk(self.decoder, self.pool, static, mask, self.eos_id, self.k)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        if self._mempool is None:
-            self._mempool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool):
-            out = decode_topk(self.decoder, self.pool, static, mask, self.eos_id, self.k)
-        self.graphs[rows] = (graph, static, mask, out)
-        return self.graphs[rows]
+    # ---- rows -------------------------------------------------------------------------------
+    def open_row(self, blocks: list[int], cross_blocks: list[int], cross_len: int) -> int:
+        """Claim a row for one beam: its self-attention blocks and its source's cross blocks."""
+        row = self.free_rows.pop()
+        self.tables[row, : len(blocks)] = torch.tensor(blocks, device=self.device)
+        self.cross_tables[row, : len(cross_blocks)] = torch.tensor(cross_blocks, device=self.device)
+        self.cross_lens[row] = cross_len
+        return row
+
+    def close_row(self, row: int) -> None:
+        self.free_rows.append(row)
+
+    # ---- steps ------------------------------------------------------------------------------
+    def batch(self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> DecoderBatch:
+        """The DecoderBatch of query rows (device tensors), derived from the persistent tables."""
+        bs = self.pool.block_size
+        tables = self.tables[rows]
+        slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
+        return DecoderBatch(tokens, positions, slots, tables, positions + 1, self.cross_tables[rows],
+                            self.cross_lens[rows])  # fmt: skip
+
+    def logits(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Float32 logits [rows, vocab] of every query row (teacher forcing), on the CPU."""
+        t = [torch.tensor(x, device=self.device) for x in (rows, tokens, positions)]
+        return self.decoder(self.batch(*t), self.pool.layers).cpu()
+
+    def _topk(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, tokens, positions, eos_blocked = inputs
+        logp = torch.log_softmax(self.decoder(self.batch(rows, tokens, positions), self.pool.layers), dim=-1)
+        logp[:, self.eos_id] = logp[:, self.eos_id].masked_fill(eos_blocked.bool(), float("-inf"))
+        return torch.topk(logp, self.k, dim=-1)
+
+    def __call__(self, rows: list[int], tokens: list[int], positions: list[int], eos_blocked: list[bool]):
+        """Top-k (log-prob, id) [len(rows), k] of the next token of each query row, on the CPU."""
+        n = len(rows)
+        packed = torch.tensor([rows, tokens, positions, eos_blocked], dtype=torch.long)
+        bucket = next((b for b in self.buckets if b >= n), None)
+        if bucket is None:
+            values, ids = self._topk(packed.to(self.device))
+        else:
+            graph, static, (values, ids) = self._graph(bucket)
+            static[:, :n].copy_(packed, non_blocking=True)
+            static[:, n:] = self._padding[:, : bucket - n]
+            graph.replay()
+        return values[:n].cpu(), ids[:n].cpu()
+
+    def _graph(self, n: int):
+        if n not in self.graphs:
+            static = self._padding[:, :n].clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compile/warm kernels outside the capture
+                    self._topk(static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._mempool = self._mempool or torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._mempool):
+                out = self._topk(static)
+            self.graphs[n] = (graph, static, out)
+        return self.graphs[n]
