@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--sentences", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--init-std", type=float, default=0.02, help="std of the random weights (large shape)")
     ap.add_argument("--out", type=Path, default=Path("out/parity"))
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -58,7 +59,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="parity-"))
     t0 = time.perf_counter()
-    hf_dir = build_tiny_mbart(work / "hf", **(LARGE_DIMS if args.shape == "large" else {}))
+    dims = {**LARGE_DIMS, "init_std": args.init_std} if args.shape == "large" else {}
+    hf_dir = build_tiny_mbart(work / "hf", **dims)
     ckpt = convert_checkpoint(str(hf_dir), work / "ckpt", 1, args.dtype, progress=False)
     setup_s = time.perf_counter() - t0
     hf = MBartForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
@@ -75,7 +77,10 @@ def main() -> None:
     with torch.inference_mode():
         for ids in enc[:16]:
             dec = prefix + ids[1:-1][:16]
-            ref = hf(input_ids=torch.tensor([ids], device=device), decoder_input_ids=torch.tensor([dec], device=device))
+            ref = hf(
+                input_ids=torch.tensor([ids], device=device),
+                decoder_input_ids=torch.tensor([dec], device=device),
+            )
             ref = ref.logits[0].float().cpu()
             got = rt.teacher_forced_logits([ids], [dec])[0]
             max_diff = max(max_diff, (got - ref).abs().max().item())
@@ -109,7 +114,7 @@ def main() -> None:
         total += n
         agree += sum(x == y for x, y in zip(a, b, strict=False))
     report = {
-        "shape": args.shape, "dtype": args.dtype, "device": str(device),
+        "shape": args.shape, "init_std": dims.get("init_std"), "dtype": args.dtype, "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "sentences": len(enc), "languages": LANGS, "max_new_tokens": args.max_new_tokens,
         "max_abs_logit_diff": max_diff, "max_abs_logit": ref_scale,

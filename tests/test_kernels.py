@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.runtime.kernels import paged_attention, paged_attention_reference
+from serve.runtime.kernels import paged_attention, paged_attention_reference, write_kv, write_kv_reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,18 +22,18 @@ def random_paged(n=7, heads=4, dim=16, block=16, blocks=40, device="cpu", dtype=
     return q, k_pool, v_pool, tables.to(device), lens.to(device)
 
 
-def naive(q, k_pool, v_pool, tables, lens):
+def naive(q, k_pool, v_pool, tables, lens, scale):
     out = []
     for i in range(q.shape[0]):
         k = k_pool[tables[i]].flatten(0, 1)[: lens[i]]  # [L, h, d]
         v = v_pool[tables[i]].flatten(0, 1)[: lens[i]]
-        att = torch.softmax(torch.einsum("hd,lhd->hl", q[i].float(), k.float()), dim=-1)
+        att = torch.softmax(torch.einsum("hd,lhd->hl", q[i].float() * scale, k.float()), dim=-1)
         out.append(torch.einsum("hl,lhd->hd", att, v.float()))
     return torch.stack(out)
 
 
 def test_reference_matches_per_row_definition():
-    args = random_paged()
+    args = (*random_paged(), 0.125)
     assert torch.allclose(paged_attention_reference(*args), naive(*args), atol=1e-5)
     assert torch.equal(paged_attention(*args), paged_attention_reference(*args))  # CPU dispatches to it
 
@@ -41,10 +41,22 @@ def test_reference_matches_per_row_definition():
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_triton_kernel_matches_reference(dtype):
-    args = random_paged(n=33, heads=16, dim=64, blocks=300, device="cuda", dtype=dtype)
+    args = (*random_paged(n=33, heads=16, dim=64, blocks=300, device="cuda", dtype=dtype), 0.125)
     got, ref = paged_attention(*args), paged_attention_reference(*args)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.float() - ref.float()).abs().max().item() <= tol
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_triton_write_kv_matches_reference(dtype):
+    q, k_pool, v_pool, _, _ = random_paged(n=9, heads=16, dim=64, blocks=50, device="cuda", dtype=dtype)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    slots = torch.randperm(50 * 16, device="cuda")[:9]
+    ref_k, ref_v = k_pool.clone(), v_pool.clone()
+    write_kv_reference(ref_k, ref_v, slots, k, v)
+    write_kv(k_pool, v_pool, slots, k, v)
+    assert torch.equal(k_pool, ref_k) and torch.equal(v_pool, ref_v)
 
 
 @cuda

@@ -40,6 +40,7 @@ class EngineConfig:
     max_beam_width: int = 4
     static_batching: bool = False  # baseline: admit only into an empty batch, run it to completion
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA only)
+    compile: bool = False  # torch.compile the decode step (slower start, fewer kernels per step)
     trace_steps: int = 0  # keep a trace of the last N steps (tests, debugging)
 
 
@@ -99,6 +100,7 @@ class Engine:
             num_rows=config.max_batch_size + 1,  # one per running beam, plus one for `score`
             table_width=self.pool.blocks_for(self.max_positions), max_rows=2 * config.max_batch_size,
             use_graphs=config.cuda_graphs and self.device.type == "cuda",
+            compile=config.compile,
         )  # fmt: skip
         self.waiting: OrderedDict[str, GenerationRequest] = OrderedDict()
         self.running: OrderedDict[str, _Running] = OrderedDict()

@@ -23,7 +23,7 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 class DecodeRunner:
     def __init__(self, decoder: Decoder, pool: KVPool, eos_id: int, k: int, num_rows: int, table_width: int,
-                 max_rows: int, use_graphs: bool):  # fmt: skip
+                 max_rows: int, use_graphs: bool, compile: bool = False):  # fmt: skip
         self.decoder, self.pool, self.eos_id, self.k = decoder, pool, eos_id, k
         dev = pool.layers[0][0].device
         self.device = dev
@@ -39,6 +39,8 @@ class DecodeRunner:
             int, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
         ] = {}
         self._mempool = None
+        # torch.compile fuses the small per-layer kernels (norms, bias adds, GELU) between GEMMs.
+        self._step = torch.compile(self._topk, dynamic=True) if compile else self._topk
         pad = torch.tensor([[self.scratch_row], [0], [0], [0]], device=dev)
         self._padding = pad.expand(4, max(self.buckets, default=1))  # query rows that do nothing
 
@@ -80,7 +82,7 @@ class DecodeRunner:
         packed = torch.tensor([rows, tokens, positions, eos_blocked], dtype=torch.long)
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
-            values, ids = self._topk(packed.to(self.device))
+            values, ids = self._step(packed.to(self.device))
         else:
             graph, static, (values, ids) = self._graph(bucket)
             static[:, :n].copy_(packed, non_blocking=True)
@@ -95,11 +97,11 @@ class DecodeRunner:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):  # compile/warm kernels outside the capture
-                    self._topk(static)
+                    self._step(static)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self._mempool = self._mempool or torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._mempool):
-                out = self._topk(static)
+                out = self._step(static)
             self.graphs[n] = (graph, static, out)
         return self.graphs[n]

@@ -19,23 +19,42 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
+def write_kv_reference(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> None:  # fmt: skip
+    """Store k, v [N, h, d] at flat slot indices of pools [blocks, block_size, h, d]."""
+    k_pool.view(-1, *k.shape[1:])[slots] = k
+    v_pool.view(-1, *v.shape[1:])[slots] = v
+
+
 def paged_attention_reference(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor
-) -> torch.Tensor:
-    """q [N, h, d] (scale folded in), pools [blocks, block_size, h, d] -> [N, h, d]."""
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """q [N, h, d], pools [blocks, block_size, h, d] -> [N, h, d]."""
     n, max_blocks = tables.shape
     block_size = k_pool.shape[1]
     k = k_pool[tables].reshape(n, max_blocks * block_size, *k_pool.shape[2:]).transpose(1, 2)
     v = v_pool[tables].reshape(n, max_blocks * block_size, *v_pool.shape[2:]).transpose(1, 2)
     mask = (torch.arange(max_blocks * block_size, device=q.device)[None, :] < lens[:, None])[:, None, None, :]
-    return F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=1.0)[:, :, 0, :]
+    return F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale)[:, :, 0, :]
 
 
 if triton is not None:
 
     @triton.jit
+    def _write_kv_kernel(k_ptr, v_ptr, slots_ptr, kp_ptr, vp_ptr, stride_kn, stride_kh, stride_vn, stride_vh,
+                         stride_ps, stride_ph, HEAD_DIM: tl.constexpr):  # fmt: skip
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        dims = tl.arange(0, HEAD_DIM)
+        slot = tl.load(slots_ptr + row).to(tl.int64)
+        dst = slot * stride_ps + head * stride_ph + dims
+        tl.store(kp_ptr + dst, tl.load(k_ptr + row * stride_kn + head * stride_kh + dims))
+        tl.store(vp_ptr + dst, tl.load(v_ptr + row * stride_vn + head * stride_vh + dims))
+
+    @triton.jit
     def _paged_attention_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale,
         stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     ):  # fmt: skip
@@ -43,7 +62,7 @@ if triton is not None:
         head = tl.program_id(1)
         dims = tl.arange(0, HEAD_DIM)
         offs = tl.arange(0, BLOCK_SIZE)
-        q = tl.load(q_ptr + row * stride_qn + head * stride_qh + dims).to(tl.float32)
+        q = tl.load(q_ptr + row * stride_qn + head * stride_qh + dims).to(tl.float32) * scale
         length = tl.load(lens_ptr + row)
         m = tl.full((), float("-inf"), tl.float32)
         denom = tl.zeros((), tl.float32)
@@ -66,12 +85,13 @@ if triton is not None:
 
 
 def paged_attention_triton(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor
-) -> torch.Tensor:
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:  # fmt: skip
     n, heads, head_dim = q.shape
     out = torch.empty_like(q)
     _paged_attention_kernel[(n, heads)](
-        q, k_pool, v_pool, tables, lens, out,
+        q, k_pool, v_pool, tables, lens, out, scale,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), tables.stride(0),
         out.stride(0), out.stride(1), BLOCK_SIZE=k_pool.shape[1], HEAD_DIM=head_dim,
     )  # fmt: skip
@@ -79,12 +99,29 @@ def paged_attention_triton(
 
 
 def paged_attention(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor
-) -> torch.Tensor:
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:  # fmt: skip
     """Dispatch: Triton on CUDA (power-of-two head and block sizes), the reference otherwise."""
-    if q.is_cuda and triton is not None and _pow2(q.shape[-1]) and _pow2(k_pool.shape[1]):
-        return paged_attention_triton(q.contiguous(), k_pool, v_pool, tables, lens)
-    return paged_attention_reference(q, k_pool, v_pool, tables, lens)
+    if _use_triton(q, k_pool):
+        return paged_attention_triton(q, k_pool, v_pool, tables, lens, scale)
+    return paged_attention_reference(q, k_pool, v_pool, tables, lens, scale)
+
+
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:  # fmt: skip
+    """Store this step's K/V rows into their pool slots (one kernel for both on CUDA)."""
+    if not _use_triton(k, k_pool):
+        return write_kv_reference(k_pool, v_pool, slots, k, v)
+    n, heads, head_dim = k.shape
+    _write_kv_kernel[(n, heads)](
+        k, v, slots, k_pool, v_pool, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_pool.stride(1), k_pool.stride(2), HEAD_DIM=head_dim,
+    )  # fmt: skip
+
+
+def _use_triton(x: torch.Tensor, pool: torch.Tensor) -> bool:
+    return x.is_cuda and triton is not None and _pow2(x.shape[-1]) and _pow2(pool.shape[1])
 
 
 def _pow2(n: int) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from serve.runtime.kernels import write_kv
+
 
 class OutOfBlocks(RuntimeError):
     pass
@@ -78,9 +80,7 @@ class KVPool:
         return [blocks[p // bs] * bs + p % bs for p in range(start, start + count)]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        k_pool, v_pool = self.layers[layer]
-        k_pool.view(-1, *k.shape[1:])[slots] = k
-        v_pool.view(-1, *v.shape[1:])[slots] = v
+        write_kv(*self.layers[layer], slots, k, v)
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """dst[i] <- src[i] in every layer (beam search forks a beam into another's blocks)."""

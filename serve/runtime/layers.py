@@ -27,10 +27,23 @@ class Linear(nn.Module):
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x)
-        if self.reduce:
-            y = tp.all_reduce(y)
+        if not self.reduce or tp.world_size() == 1:
+            return self.matmul_bias(x)
+        y = tp.all_reduce(self.matmul(x))
         return y if self.bias is None else y + self.bias
+
+    def matmul_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b, with the bias fused into the GEMM where the layer is a float one."""
+        if type(self).matmul is Linear.matmul:
+            return F.linear(x, self.weight, self.bias)
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias
+
+    def forward_rows(self, x: torch.Tensor, stop: int) -> torch.Tensor:
+        """The first `stop` outputs only (cross-attention needs Q of its fused QKV each step)."""
+        if type(self).matmul is not Linear.matmul:
+            return self(x)[..., :stop]
+        return F.linear(x, self.weight[:stop], None if self.bias is None else self.bias[:stop])
 
 
 class LayerNorm(nn.LayerNorm):

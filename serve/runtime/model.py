@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve.runtime.kernels import paged_attention
+from serve.runtime.kernels import paged_attention, write_kv
 from serve.runtime.layers import Embedding, LayerNorm, Linear
 
 ACTIVATIONS = {
@@ -117,26 +117,41 @@ class DecoderBatch:
         return DecoderBatch(*(None if t is None else t.to(device) for t in values))
 
 
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+@dataclass
+class PackedLayout:
+    """Where each packed token sits in a padded [B, max_len] batch (computed once per encoder pass)."""
+
+    seq_idx: torch.Tensor
+    pos_in_seq: torch.Tensor
+    mask: torch.Tensor  # [B, 1, 1, max_len] key padding mask
+    batch: int
+    max_len: int
+
+    @classmethod
+    def of(cls, seq_lens: list[int], device: torch.device) -> PackedLayout:
+        n, lens = len(seq_lens), torch.tensor(seq_lens, device=device)
+        seq_idx = torch.repeat_interleave(torch.arange(n, device=device), lens)
+        starts = torch.cumsum(lens, 0) - lens
+        pos_in_seq = torch.arange(int(sum(seq_lens)), device=device) - starts[seq_idx]
+        mask = (torch.arange(max(seq_lens), device=device)[None, :] < lens[:, None])[:, None, None, :]
+        return cls(seq_idx, pos_in_seq, mask, n, max(seq_lens))
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float
+) -> torch.Tensor:
     """Bidirectional attention within each packed sequence: [T, h, d] -> [T, h, d].
 
-    Scatters into a padded [B, h, S, d] batch for one SDPA call (the scale is folded into q).
+    Scatters into a padded [B, h, S, d] batch for one SDPA call.
     """
-    device, n = q.device, len(seq_lens)
-    lens = torch.tensor(seq_lens, device=device)
-    max_len = max(seq_lens)
-    seq_idx = torch.repeat_interleave(torch.arange(n, device=device), lens)
-    starts = torch.cumsum(lens, 0) - lens
-    pos_in_seq = torch.arange(q.shape[0], device=device) - starts[seq_idx]
 
     def pad(x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(n, max_len, *x.shape[1:])
-        out[seq_idx, pos_in_seq] = x
+        out = x.new_zeros(layout.batch, layout.max_len, *x.shape[1:])
+        out[layout.seq_idx, layout.pos_in_seq] = x
         return out.transpose(1, 2)
 
-    mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=1.0)
-    return out.transpose(1, 2)[seq_idx, pos_in_seq]
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=layout.mask, scale=scale)
+    return out.transpose(1, 2)[layout.seq_idx, layout.pos_in_seq]
 
 
 class Attention(nn.Module):
@@ -151,12 +166,19 @@ class Attention(nn.Module):
         self.scale = 1.0 / (cfg.q_scaling * math.sqrt(cfg.head_size))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unscaled q, k, v [T, heads, head_size] (the attention kernels apply `scale`)."""
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, self.head_size).unbind(1)
-        return q * self.scale, k, v
+        return q, k, v
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Q alone, reading only the Q rows of the fused weight (cross-attention's per-step need)."""
+        return self.qkv.forward_rows(x, self.heads * self.head_size).view(
+            x.shape[0], self.heads, self.head_size
+        )
 
     def cross_kv(self, enc_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention K/V of encoder output (computed once per request)."""
-        _, k, v = self.qkv(enc_out).view(enc_out.shape[0], 3, self.heads, self.head_size).unbind(1)
+        _, k, v = self.project(enc_out)
         return k, v
 
     def out(self, attn: torch.Tensor) -> torch.Tensor:
@@ -188,9 +210,10 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.mlp_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         def attend(h: torch.Tensor) -> torch.Tensor:
-            return self.attention.out(packed_attention(*self.attention.project(h), seq_lens))
+            attn = packed_attention(*self.attention.project(h), layout, self.attention.scale)
+            return self.attention.out(attn)
 
         x = residual(self.pre_ln, self.attention_layernorm, attend, x)
         return residual(self.pre_ln, self.mlp_layernorm, self.mlp, x)
@@ -213,15 +236,15 @@ class DecoderLayer(nn.Module):
         k_pool, v_pool = kv  # this layer's [2][num_blocks, block_size, h, d]
 
         def self_attend(h: torch.Tensor) -> torch.Tensor:
-            q, k, v = self.self_attention.project(h)
-            k_pool.view(-1, *k.shape[1:])[b.slots] = k
-            v_pool.view(-1, *v.shape[1:])[b.slots] = v
-            return self.self_attention.out(paged_attention(q, k_pool, v_pool, b.ctx_tables, b.ctx_lens))
+            att = self.self_attention
+            q, k, v = att.project(h)
+            write_kv(k_pool, v_pool, b.slots, k, v)
+            return att.out(paged_attention(q, k_pool, v_pool, b.ctx_tables, b.ctx_lens, att.scale))
 
         def cross_attend(h: torch.Tensor) -> torch.Tensor:
-            q, _, _ = self.cross_attention.project(h)
-            attn = paged_attention(q, k_pool, v_pool, b.cross_tables, b.cross_lens)
-            return self.cross_attention.out(attn)
+            att = self.cross_attention
+            q = att.query(h)
+            return att.out(paged_attention(q, k_pool, v_pool, b.cross_tables, b.cross_lens, att.scale))
 
         x = residual(self.pre_ln, self.self_attention_layernorm, self_attend, x)
         x = residual(self.pre_ln, self.cross_attention_layernorm, cross_attend, x)
@@ -255,8 +278,9 @@ class Encoder(nn.Module):
     def forward(self, batch: EncoderBatch) -> torch.Tensor:
         """Packed [T, hidden] encoder output."""
         x = self.transformer.embed(batch.tokens, batch.positions)
+        layout = PackedLayout.of(batch.seq_lens, x.device)
         for layer in self.transformer.layers:
-            x = layer(x, batch.seq_lens)
+            x = layer(x, layout)
         return self.transformer.ln_f(x)
 
 

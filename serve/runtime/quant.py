@@ -92,7 +92,9 @@ class WeightOnlyInt8Linear(QuantLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, reduce: bool = False,
                  device: torch.device | str | None = None):  # fmt: skip
         super().__init__(in_features, out_features, bias, reduce, device)
-        self.register_buffer("weight", torch.empty(in_features, out_features, dtype=torch.int8, device=device))
+        self.register_buffer(
+            "weight", torch.empty(in_features, out_features, dtype=torch.int8, device=device)
+        )
         self.register_buffer("per_channel_scale", torch.empty(out_features, device=device))
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -119,7 +121,9 @@ class AWQInt4Linear(QuantLinear):
                              f"{group_size}; got [{out_features}, {in_features}]")  # fmt: skip
         super().__init__(in_features, out_features, bias, reduce, device)
         self.group_size = group_size
-        self.register_buffer("weight", torch.empty(out_features // 2, in_features, dtype=torch.int8, device=device))
+        self.register_buffer(
+            "weight", torch.empty(out_features // 2, in_features, dtype=torch.int8, device=device)
+        )
         self.register_buffer(
             "weights_scaling_factor", torch.empty(out_features, in_features // group_size, device=device)
         )
@@ -154,7 +158,9 @@ class SmoothQuantLinear(QuantLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, reduce: bool = False,
                  device: torch.device | str | None = None):  # fmt: skip
         super().__init__(in_features, out_features, bias, reduce, device)
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
         self.register_buffer("weights_scaling_factor", torch.empty(out_features, device=device))
         self.register_buffer("activation_scaling_factor", torch.empty(1, device=device))
         self.register_buffer("prequant_scaling_factor", torch.empty(in_features, device=device))

@@ -1,0 +1,298 @@
+"""Benchmark: HF `generate` vs this runtime's in-flight engine, same GPU, same run, same work.
+
+Model: mBART-large-50 shape with random weights, converted by `convert/`. Inputs: real
+sentences of several languages from the shared data. Every contender generates exactly
+`--new-tokens` tokens per request (min_new_tokens = max_new_tokens), so work is identical.
+
+Reported per contender: decode step time at batch 1 next to the memory-bandwidth floor
+(decoder weight bytes read per step / measured copy bandwidth), generated tokens/s and
+p50/p99 latency and time to first token at each concurrency (closed loop), peak GPU memory,
+weight memory, and KV-pool capacity. Writes bench.json and bench.png to --out.
+
+    python scripts/bench.py --out out/bench                 # GPU machine
+    python scripts/bench.py --smoke --out /tmp/bench        # tiny model on CPU (a test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from convert.__main__ import convert_checkpoint  # noqa: E402
+from convert.tiny import LARGE_DIMS, build_tiny_mbart  # noqa: E402
+from eval.data import read_lines, test_pair_paths  # noqa: E402
+from serve.engine.request import GenerationRequest, SamplingParams  # noqa: E402
+from serve.runtime.kv_cache import KVPool  # noqa: E402
+from serve.runtime.translator import Translator  # noqa: E402
+
+LANGS = ["zh", "ar", "ru", "de", "fr", "hi", "sw", "vi"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read and written."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.empty(2**29, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    sync(device)
+    return 2 * a.numel() * 10 / (time.perf_counter() - t)
+
+
+def decoder_step_bytes(decoder: torch.nn.Module) -> int:
+    """Weight bytes one decode step must read: everything but embedding tables and cross K/V weights."""
+    total = 0
+    for name, t in list(decoder.named_parameters()) + list(decoder.named_buffers()):
+        if "embedding" in name:
+            continue
+        n = t.numel() * t.element_size()
+        if "cross_attention.qkv" in name:
+            n = n // 3  # only the Q third is needed per step; K/V of the source are cached
+        total += n
+    return total
+
+
+def workload(tok, n: int) -> list[tuple[list[int], list[int]]]:
+    per = -(-n // len(LANGS))
+    items = []
+    for lang in LANGS:
+        for s in read_lines(test_pair_paths(f"{lang}-en")[0], per):
+            items.append((tok.encode([s], tok.language(lang))[0], tok.decoder_prefix(tok.language("en"))))
+    return items[:n]
+
+
+def run_engine(tr: Translator, items, concurrency: int, new_tokens: int) -> dict:
+    """Closed loop: `concurrency` requests outstanding until every item is served."""
+    engine, device = tr.engine, tr.device
+    params = SamplingParams(min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    pending = list(enumerate(items))
+    arrival, lat, ttft, tokens = {}, [], [], 0
+    sync(device)
+    start = time.perf_counter()
+    while pending or engine.has_work():
+        while pending and len(engine.running) + len(engine.waiting) < concurrency:
+            i, (enc, prefix) = pending.pop(0)
+            req = GenerationRequest(f"b{i}", enc, prefix, params)
+            arrival[req.request_id] = req.arrival_time
+            engine.add(req)
+        out = engine.step()
+        for r in out.results:
+            lat.append(r.finish_time - arrival[r.request_id])
+            ttft.append(r.first_token_time - arrival[r.request_id])
+            tokens += len(r.token_ids)
+    sync(device)
+    wall = time.perf_counter() - start
+    return {"tokens_per_s": tokens / wall, "requests": len(items), "p50_latency_s": pct(lat, 50),
+            "p99_latency_s": pct(lat, 99), "p50_ttft_s": pct(ttft, 50), "wall_s": wall}  # fmt: skip
+
+
+def step_time_batch1(tr: Translator, item, new_tokens: int) -> float:
+    engine, device = tr.engine, tr.device
+    engine.add(
+        GenerationRequest("s", *item, SamplingParams(min_new_tokens=new_tokens, max_new_tokens=new_tokens))
+    )
+    engine.step()  # encoder + prefix
+    times = []
+    while engine.has_work():
+        sync(device)
+        t = time.perf_counter()
+        engine.step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[2:] or times)
+
+
+def graph_replay_ms(tr: Translator) -> float:
+    """GPU time of the batch-1 decode graph alone (the step minus host-side scheduling)."""
+    graph = tr.engine.runner.graphs.get(1)
+    if graph is None:
+        return float("nan")
+    for _ in range(3):
+        graph[0].replay()
+    sync(tr.device)
+    t = time.perf_counter()
+    for _ in range(50):
+        graph[0].replay()
+    sync(tr.device)
+    return (time.perf_counter() - t) / 50 * 1e3
+
+
+def run_hf(model, pad_id: int, items, concurrency: int, new_tokens: int, device: torch.device) -> dict:
+    """Static padded batches of `concurrency` requests, HF generate (forced BOS = target language)."""
+    lat, tokens = [], 0
+    sync(device)
+    start = time.perf_counter()
+    for b in range(0, len(items), concurrency):
+        chunk = items[b : b + concurrency]
+        width = max(len(e) for e, _ in chunk)
+        ids = torch.tensor([e + [pad_id] * (width - len(e)) for e, _ in chunk], device=device)
+        t = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=(ids != pad_id).long(), do_sample=False, num_beams=1,
+                             forced_bos_token_id=chunk[0][1][-1], forced_eos_token_id=None,
+                             min_new_tokens=new_tokens + 1, max_new_tokens=new_tokens + 1)  # fmt: skip
+        sync(device)
+        lat += [time.perf_counter() - start] * len(chunk)  # all arrived at start of the run
+        tokens += (out.shape[1] - 2) * len(chunk)
+        del t
+    wall = time.perf_counter() - start
+    return {"tokens_per_s": tokens / wall, "requests": len(items), "p50_latency_s": pct(lat, 50),
+            "p99_latency_s": pct(lat, 99), "p50_ttft_s": float("nan"), "wall_s": wall}  # fmt: skip
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, c in report["contenders"].items():
+        if "error" in c:
+            continue
+        xs = sorted(int(k) for k in c["levels"])
+        a.plot(xs, [c["levels"][str(x)]["tokens_per_s"] for x in xs], marker="o", label=name)
+    a.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="generated tokens/s",
+          title="Throughput vs concurrency")  # fmt: skip
+    a.legend()
+    names = [n for n, c in report["contenders"].items() if "error" not in c]
+    b.bar(
+        names, [report["contenders"][n]["step_ms_batch1"] for n in names], color="tab:blue", label="measured"
+    )
+    b.bar(names, [report["contenders"][n].get("floor_ms", 0) for n in names], color="tab:orange", alpha=0.6,
+          label="bandwidth floor")  # fmt: skip
+    b.set(ylabel="ms per decode step (batch 1)", title="Decode step vs bandwidth floor")
+    b.tick_params(axis="x", rotation=30)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    ap.add_argument("--smoke", action="store_true", help="tiny model, CPU, small counts")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--concurrency", default="1,8,32,64,128")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument(
+        "--variants", default="float16,bfloat16", help="runtime checkpoints: dtypes and/or NAME=PATH"
+    )
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF generate contender")
+    args = ap.parse_args()
+    if args.smoke:
+        args.concurrency, args.new_tokens = "1,4", 8
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
+    levels = [int(c) for c in args.concurrency.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    hf_dir = build_tiny_mbart(work / "hf", **({} if args.smoke else LARGE_DIMS))
+    bandwidth = copy_bandwidth(device)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "new_tokens": args.new_tokens, "copy_bandwidth_GBps": bandwidth / 1e9,
+              "command": " ".join(sys.argv), "contenders": {}}  # fmt: skip
+    n_items = max(levels) * 2 if not args.smoke else 8
+
+    items: list = []
+    for variant in args.variants.split(","):
+        try:
+            name, _, path = variant.partition("=")
+            name, _, flag = name.partition("+")
+            ckpt = Path(path) if path else work / name
+            if not ckpt.exists():
+                convert_checkpoint(str(hf_dir), ckpt, 1, name, progress=False)
+            dtype = None if args.smoke else (torch.float16 if path else getattr(torch, name))
+            tr = Translator.load(
+                ckpt, device=device, dtype=dtype, max_batch_size=max(levels), compile=flag == "compile"
+            )
+            items = workload(tr.tokenizer, n_items)
+            step = step_time_batch1(tr, items[0], args.new_tokens)
+            step_bytes = decoder_step_bytes(tr.decoder)
+            c = {"step_ms_batch1": step * 1e3, "graph_ms_batch1": graph_replay_ms(tr), "weight_bytes_per_step": step_bytes,
+                 "floor_ms": step_bytes / bandwidth * 1e3, "levels": {}}  # fmt: skip
+            for level in levels:
+                run_engine(tr, items[: min(level, 4)], level, 4)  # warm up / capture this bucket
+                c["levels"][str(level)] = run_engine(tr, items[: max(2 * level, 8)], level, args.new_tokens)
+            d = tr.decoder.cfg
+            per_seq = tr.engine.pool.blocks_for(256) + tr.engine.pool.blocks_for(32)
+            per_block = KVPool.bytes_per_block(
+                d.num_layers, tr.engine.pool.block_size, d.num_heads, d.head_size, d.dtype
+            )
+            weights = sum(t.numel() * t.element_size() for m in (tr.encoder, tr.decoder)
+                          for t in list(m.parameters()) + list(m.buffers()))  # fmt: skip
+            c["weight_bytes"] = weights
+            if device.type == "cuda":
+                free = torch.cuda.mem_get_info(device)[0] + tr.engine.pool.num_blocks * per_block
+                c["kv_capacity_seqs_256"] = int(free * 0.9 // per_block // per_seq)
+                c["peak_gpu_mem_GB"] = torch.cuda.max_memory_allocated(device) / 1e9
+            report["contenders"][f"runtime {variant.partition('=')[0]}"] = c
+            del tr
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+        except Exception as e:  # one failing contender must not lose the others' numbers
+            print(f"contender {variant} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            report["contenders"][f"runtime {variant.partition('=')[0]}"] = {
+                "error": f"{type(e).__name__}: {e}"
+            }
+
+    if not args.no_hf:
+        from transformers import AutoTokenizer, MBartForConditionalGeneration
+
+        dtype = torch.float32 if args.smoke else torch.float16
+        model = MBartForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+        pad = AutoTokenizer.from_pretrained(hf_dir).pad_token_id
+        c = {"levels": {}}
+        for level in levels:
+            c["levels"][str(level)] = run_hf(
+                model, pad, items[: max(2 * level, 8)], level, args.new_tokens, device
+            )
+        c["step_ms_batch1"] = 1e3 / c["levels"][str(levels[0])]["tokens_per_s"]  # includes the encoder
+        if device.type == "cuda":
+            c["peak_gpu_mem_GB"] = torch.cuda.max_memory_allocated(device) / 1e9
+        report["contenders"]["HF generate fp16"] = c
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / "bench.png")
+    print(f"device {report['device']}  copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s  "
+          f"new tokens {args.new_tokens}")  # fmt: skip
+    nan = float("nan")
+    cols = ["contender", "step ms b=1", "GPU ms b=1", "floor ms"] + [f"tok/s @{lv}" for lv in levels]
+    cols += ["p99 s @64", "TTFT p50 s @64", "peak GB"]
+    print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
+    for name, c in report["contenders"].items():
+        if "error" in c:
+            print(f"| {name} | failed: {c['error'][:80]} |")
+            continue
+        at64 = c["levels"].get("64", {})
+        cells = [name, c["step_ms_batch1"], c.get("graph_ms_batch1", nan), c.get("floor_ms", nan)]
+        cells += [c["levels"][str(lv)]["tokens_per_s"] for lv in levels]
+        cells += [at64.get("p99_latency_s", nan), at64.get("p50_ttft_s", nan), c.get("peak_gpu_mem_GB", nan)]
+        print("| " + " | ".join(f"{x:.3g}" if isinstance(x, float) else str(x) for x in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
