@@ -42,3 +42,9 @@ class GenerationResult:
     prompt_tokens: int
     first_token_time: float | None = None  # monotonic time the first generated token was ready
     finish_time: float = field(default_factory=time.monotonic)
+
+
+def default_max_new_tokens(n_source_tokens: int) -> int:
+    """The generation limit when a caller gives none: translations rarely run past twice the
+    source (text tokens, without language/EOS tokens); the cap only bounds degenerate output."""
+    return 2 * n_source_tokens + 16

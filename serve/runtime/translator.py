@@ -11,15 +11,11 @@ from pathlib import Path
 
 import torch
 
+from serve import segment
 from serve.engine.core import Engine, EngineConfig
-from serve.engine.request import GenerationRequest, SamplingParams
+from serve.engine.request import GenerationRequest, SamplingParams, default_max_new_tokens
 from serve.runtime.load import default_device, load_model
 from serve.tokenizer import TranslationTokenizer
-
-
-def default_max_new_tokens(src_len: int) -> int:
-    """Room for a translation of a source of `src_len` tokens when the caller gives no limit."""
-    return 2 * src_len + 16
 
 
 class Translator:
@@ -85,20 +81,28 @@ class Translator:
         beam_size: int = 1,
         max_new_tokens: int | None = None,
         length_penalty: float = 1.0,
+        max_segment_tokens: int = 200,
     ) -> list[str]:
+        """Translate texts as the server does: split into sentences, translate all in one batch,
+        and put each text back together in its own layout."""
         src, tgt = self.tokenizer.language(src_lang), self.tokenizer.language(tgt_lang)
-        encoder_ids = self.tokenizer.encode(texts, src)
         prefix = self.tokenizer.decoder_prefix(tgt)
+        layouts = [segment.split(t, src.code, self.tokenizer.text_ids, max_segment_tokens) for t in texts]
+        pieces = [ids for layout in layouts for ids in layout.token_ids]
+        room = self.engine.max_positions - len(prefix)
         params = [
             SamplingParams(
                 beam_size=beam_size,
                 length_penalty=length_penalty,
-                max_new_tokens=max_new_tokens or default_max_new_tokens(len(e)),
+                max_new_tokens=min(max_new_tokens or default_max_new_tokens(len(ids)), room),
             )
-            for e in encoder_ids
+            for ids in pieces
         ]
-        out = self.generate_ids(encoder_ids, [prefix] * len(texts), params)
-        return [self.tokenizer.decode(ids) for ids in out]
+        encoder_ids = [self.tokenizer.encoder_ids(ids, src) for ids in pieces]
+        out = iter(self.generate_ids(encoder_ids, [prefix] * len(pieces), params))
+        return [
+            layout.join([self.tokenizer.decode(next(out)) for _ in layout.token_ids]) for layout in layouts
+        ]
 
     def teacher_forced_logits(
         self, encoder_ids: list[list[int]], decoder_ids: list[list[int]]
