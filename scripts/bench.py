@@ -199,7 +199,10 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32,64,128")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument(
-        "--variants", default="float16,bfloat16", help="runtime checkpoints: dtypes and/or NAME=PATH"
+        "--variants",
+        default="float16,bfloat16,int8_wo=rtn,int4_awq=rtn,int8_wo+lm_head=rtn,int4_awq+lm_head=rtn",
+        help="runtime contenders: a dtype (converted here), NAME=CKPT_DIR, or int8_wo|int4_awq[+lm_head]=rtn "
+        "(round-to-nearest from the fp16 checkpoint); a dtype may add +compile",
     )
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate contender")
     args = ap.parse_args()
@@ -220,9 +223,18 @@ def main() -> None:
         try:
             name, _, path = variant.partition("=")
             name, _, flag = name.partition("+")
-            ckpt = Path(path) if path else work / name
-            if not ckpt.exists():
+            ckpt = (
+                Path(path) if path not in ("", "rtn") else work / variant.replace("=", "-").replace("+", "-")
+            )
+            if not path:
                 convert_checkpoint(str(hf_dir), ckpt, 1, name, progress=False)
+            elif path == "rtn":  # weight-only RTN from the fp16 checkpoint (ModelOpt may be absent here)
+                from calib.rtn import quantize_checkpoint_rtn
+
+                src = work / "float16-src"
+                if not src.exists():
+                    convert_checkpoint(str(hf_dir), src, 1, "float16", progress=False)
+                quantize_checkpoint_rtn(src, ckpt, name, lm_head=flag == "lm_head")
             dtype = None if args.smoke else (torch.float16 if path else getattr(torch, name))
             tr = Translator.load(
                 ckpt, device=device, dtype=dtype, max_batch_size=max(levels), compile=flag == "compile"

@@ -39,6 +39,16 @@ def sentences(n: int) -> list[tuple[str, str]]:
     return out[:n]
 
 
+def identical(a: list[list[int]], b: list[list[int]]) -> int:
+    return sum(x == y for x, y in zip(a, b, strict=True))
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of token positions that agree (the longer sequence of each pair counts)."""
+    same = sum(sum(x == y for x, y in zip(s, t, strict=False)) for s, t in zip(a, b, strict=True))
+    return same / max(1, sum(max(len(s), len(t)) for s, t in zip(a, b, strict=True)))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -103,22 +113,30 @@ def main() -> None:
     got = rt.generate_ids(enc, [prefix] * len(enc), params)
     sync(device)
     rt_s = time.perf_counter() - t
-    ref = []
-    for row in out.tolist():
-        row = [x for x in row[2:] if x != tok.pad_token_id]
-        ref.append(row[:-1] if row and row[-1] == tok.eos_token_id else row)
-    identical = sum(a == b for a, b in zip(got, ref, strict=True))
-    agree = total = 0
-    for a, b in zip(got, ref, strict=True):
-        n = max(len(a), len(b))
-        total += n
-        agree += sum(x == y for x, y in zip(a, b, strict=False))
+
+    def strip(rows: list[list[int]]) -> list[list[int]]:
+        """Generated ids after [decoder start, forced language], without padding and EOS."""
+        res = []
+        for row in rows:
+            row = [x for x in row[2:] if x != tok.pad_token_id]
+            res.append(row[:-1] if row and row[-1] == tok.eos_token_id else row)
+        return res
+
+    # The fp16 noise floor: greedy output of both fp16 implementations against HF in float32.
+    del hf
+    hf32 = MBartForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
+    ref32 = strip(
+        hf32.generate(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), **gen_kw).tolist()
+    )
+    ref = strip(out.tolist())
     report = {
         "shape": args.shape, "init_std": dims.get("init_std"), "dtype": args.dtype, "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "sentences": len(enc), "languages": LANGS, "max_new_tokens": args.max_new_tokens,
         "max_abs_logit_diff": max_diff, "max_abs_logit": ref_scale,
-        "greedy_identical_sequences": identical, "greedy_token_agreement": agree / max(total, 1),
+        "greedy_identical_sequences": identical(got, ref), "greedy_token_agreement": agreement(got, ref),
+        "runtime_vs_hf_fp32_identical": identical(got, ref32), "hf_vs_hf_fp32_identical": identical(ref, ref32),
+        "runtime_vs_hf_fp32_agreement": agreement(got, ref32), "hf_vs_hf_fp32_agreement": agreement(ref, ref32),
         "distinct_output_tokens": len({x for r in ref for x in r}),
         "hf_generate_s": hf_s, "runtime_generate_s": rt_s, "setup_s": setup_s,
         "torch": torch.__version__,

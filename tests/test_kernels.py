@@ -74,3 +74,28 @@ def test_cuda_graph_decode_matches_eager(tiny_ckpt):
         params = SamplingParams(beam_size=beam, max_new_tokens=20)
         assert graphed.generate_ids(enc, prefix, params) == eager.generate_ids(enc, prefix, params)
     assert graphed.engine.runner.graphs, "graphs were captured"
+
+
+@cuda
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 64])
+@pytest.mark.parametrize("n,k", [(1000, 1024), (4096, 1024), (1024, 4096)])
+def test_gemv_matches_reference(fmt, rows, n, k):
+    from serve.runtime import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(rows + n)
+    x = torch.randn(rows, k, device="cuda", generator=g).half()
+    code = {"float": gemv.FLOAT, "int8": gemv.INT8, "int4": gemv.INT4}[fmt]
+    if fmt == "float":
+        args = (torch.randn(n, k, device="cuda", generator=g).half() / 32,)
+    elif fmt == "int8":
+        w = torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8, generator=g)
+        args = (w, torch.rand(n, device="cuda", generator=g).half() / 500)
+    else:
+        w = torch.randint(-128, 128, (n // 2, k), device="cuda", dtype=torch.int8, generator=g)
+        scales = torch.rand(n, k // 128, device="cuda", generator=g).half() / 50
+        args = (w, scales, 0.5 + torch.rand(1, k, device="cuda", generator=g).half())
+    ref = gemv.gemv_reference(x.float(), code, *(a.float() if a.is_floating_point() else a for a in args))
+    got = gemv.gemv(x, code, *args)
+    assert got.shape == ref.shape and got.dtype == x.dtype
+    assert ((got.float() - ref).abs().max() / ref.abs().max()).item() < 5e-3

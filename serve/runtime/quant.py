@@ -17,8 +17,9 @@ with `load_state_dict(strict=True)`. Shapes are per rank, like every other runti
 | | activation_scaling_factor | float32 | [1] |
 | | prequant_scaling_factor | float | [in] |
 
-`matmul` dequantizes on the fly (exact, portable); W8A16 on CPU float32 uses
-`torch._weight_int8pack_mm`. Faster kernels belong in `matmul` and nowhere else.
+`matmul` streams the quantized weight through `serve.runtime.gemv` on CUDA (dequantizing in
+registers); elsewhere it dequantizes on the fly (W8A16 on CPU float32 uses
+`torch._weight_int8pack_mm`). Faster kernels belong in `matmul` and nowhere else.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from serve.runtime import gemv
 from serve.runtime.layers import Linear
 
 # TensorRT-LLM's own default when a checkpoint names no exclude_modules (quantization/quantize.py).
@@ -101,6 +103,8 @@ class WeightOnlyInt8Linear(QuantLinear):
         return self.weight.t().to(dtype) * self.per_channel_scale.to(dtype)[:, None]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if gemv.usable(x, gemv.INT8):
+            return gemv.gemv(x, gemv.INT8, self.weight, self.per_channel_scale)
         if x.device.type == "cpu" and x.dtype == torch.float32:
             y = torch._weight_int8pack_mm(
                 x.reshape(-1, x.shape[-1]).contiguous(), self.weight.t().contiguous(), self.per_channel_scale
@@ -142,6 +146,9 @@ class AWQInt4Linear(QuantLinear):
         return unpack_int4(self.weight).to(dtype) * scales
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if gemv.usable(x, gemv.INT4, self.group_size):
+            args = (self.weight, self.weights_scaling_factor, self.prequant_scaling_factor, self.group_size)
+            return gemv.gemv(x, gemv.INT4, *args)
         x = x * self.prequant_scaling_factor.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype))
 
