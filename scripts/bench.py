@@ -218,6 +218,11 @@ def main() -> None:
               "command": " ".join(sys.argv), "contenders": {}}  # fmt: skip
     n_items = max(levels) * 2 if not args.smoke else 8
 
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every contender, so a cut-short run keeps what it measured
+        (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+
     items: list = []
     for variant in args.variants.split(","):
         try:
@@ -269,6 +274,7 @@ def main() -> None:
             report["contenders"][f"runtime {variant.partition('=')[0]}"] = {
                 "error": f"{type(e).__name__}: {e}"
             }
+        save()
 
     if not args.no_hf:
         from transformers import AutoTokenizer, MBartForConditionalGeneration
@@ -286,8 +292,7 @@ def main() -> None:
             c["peak_gpu_mem_GB"] = torch.cuda.max_memory_allocated(device) / 1e9
         report["contenders"]["HF generate fp16"] = c
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    save()
     plot(report, args.out / "bench.png")
     print(f"device {report['device']}  copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s  "
           f"new tokens {args.new_tokens}")  # fmt: skip

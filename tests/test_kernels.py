@@ -78,8 +78,8 @@ def test_cuda_graph_decode_matches_eager(tiny_ckpt):
 
 @cuda
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 3, 8, 16, 64])
-@pytest.mark.parametrize("n,k", [(1000, 1024), (4096, 1024), (1024, 4096)])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("n,k", [(1000, 1024), (1024, 4096)])
 def test_gemv_matches_reference(fmt, rows, n, k):
     from serve.runtime import gemv
 

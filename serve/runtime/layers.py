@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve.runtime import gemv, tp
+from serve.runtime import tp
 
 
 class Linear(nn.Module):
@@ -24,7 +24,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv.gemv(x, gemv.FLOAT, self.weight)
+        return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduce or tp.world_size() == 1:
@@ -34,7 +34,7 @@ class Linear(nn.Module):
 
     def matmul_bias(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b, with the bias fused into the GEMM where the layer is a float one."""
-        if type(self).matmul is Linear.matmul and not gemv.usable(x):
+        if type(self).matmul is Linear.matmul:
             return F.linear(x, self.weight, self.bias)
         y = self.matmul(x)
         return y if self.bias is None else y + self.bias
@@ -43,8 +43,7 @@ class Linear(nn.Module):
         """The first `stop` outputs only (cross-attention needs Q of its fused QKV each step)."""
         if type(self).matmul is not Linear.matmul:
             return self(x)[..., :stop]
-        y = gemv.gemv(x, gemv.FLOAT, self.weight[:stop])
-        return y if self.bias is None else y + self.bias[:stop]
+        return F.linear(x, self.weight[:stop], None if self.bias is None else self.bias[:stop])
 
 
 class LayerNorm(nn.LayerNorm):
