@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,11 +55,11 @@ def main() -> None:
         s4 = torch.rand(n, k // 128, device="cuda", dtype=torch.float16) / 50
         pre = torch.ones(1, k, device="cuda", dtype=torch.float16)
         cases = {
-            "cublas_fp16": (lambda: F.linear(x, w), 2 * n * k),
-            "triton_fp16": (lambda: gemv.gemv(x, gemv.FLOAT, w), 2 * n * k),
-            "triton_int8": (lambda: gemv.gemv(x, gemv.INT8, w8, s8), n * k),
-            "dequant_int8": (lambda: gemv.gemv_reference(x, gemv.INT8, w8, s8), n * k),
-            "triton_int4": (lambda: gemv.gemv(x, gemv.INT4, w4, s4, pre), n * k // 2),
+            "cublas_fp16": (partial(F.linear, x, w), 2 * n * k),
+            "triton_fp16": (partial(gemv.gemv, x, gemv.FLOAT, w), 2 * n * k),
+            "triton_int8": (partial(gemv.gemv, x, gemv.INT8, w8, s8), n * k),
+            "dequant_int8": (partial(gemv.gemv_reference, x, gemv.INT8, w8, s8), n * k),
+            "triton_int4": (partial(gemv.gemv, x, gemv.INT4, w4, s4, pre), n * k // 2),
         }
         for case, (fn, nbytes) in cases.items():
             us = time_us(fn)
