@@ -11,17 +11,10 @@ import re
 import subprocess
 from pathlib import Path
 
+from convert.__main__ import sha256 as sha256_file
 from eval.data import PROJECT_ROOT
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_lines(lines: list[str]) -> str:

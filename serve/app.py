@@ -122,7 +122,8 @@ def build_backend(settings: Settings, ckpt_dir: Path) -> Backend:
 
     return PytorchBackend(
         ckpt_dir, device=settings.resolved_device(), dtype=settings.resolved_dtype(), tp_size=settings.tp_size,
-        kv_block_size=settings.kv_block_size, static_batching=settings.static_batching, **limits,
+        kv_block_size=settings.kv_block_size, static_batching=settings.static_batching,
+        cpu_threads=settings.cpu_threads, **limits,
     )  # fmt: skip
 
 

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     kv_memory_fraction: float = Field(
         0.9, gt=0, le=1, description="fraction of free device memory for the KV-cache pool"
     )
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads on CPU (default: all cores but one, left to the HTTP loop)"
+    )
     static_batching: bool = Field(
         False, description="baseline for benchmarks: batches run to completion, no joining (PyTorch only)"
     )

@@ -47,6 +47,7 @@ class BackendSettings:
     max_queue: int = 256
     static_batching: bool = False
     trace_steps: int = 0
+    cpu_threads: int | None = None  # None: all cores but one (OpenMP threads that spin on a busy core stall)
 
 
 def build_engine(ckpt_dir: Path, s: BackendSettings, eos_id: int, device: torch.device) -> Engine:
@@ -138,6 +139,8 @@ class PytorchBackend(Backend):
     def start(self) -> None:
         s = self.settings
         device = _device_for_rank(s, 0)
+        if device.type == "cpu":
+            torch.set_num_threads(s.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         if s.tp_size > 1:
             self._spawn_workers(device)
         self.engine = build_engine(self.ckpt_dir, s, self.eos_id, device)

@@ -33,6 +33,7 @@ class DecodeRunner:
         )
         self.cross_tables = self.tables.clone()
         self.cross_lens = torch.ones(num_rows + 1, dtype=torch.long, device=dev)
+        self.host_cross_lens = [1] * (num_rows + 1)  # to trim eager steps to the longest source
         self.free_rows = list(range(num_rows - 1, -1, -1))
         self.buckets = ([b for b in BUCKETS if b < max_rows] + [max_rows]) if use_graphs else []
         self.graphs: dict[
@@ -51,28 +52,40 @@ class DecodeRunner:
         self.tables[row, : len(blocks)] = torch.tensor(blocks, device=self.device)
         self.cross_tables[row, : len(cross_blocks)] = torch.tensor(cross_blocks, device=self.device)
         self.cross_lens[row] = cross_len
+        self.host_cross_lens[row] = cross_len
         return row
 
     def close_row(self, row: int) -> None:
         self.free_rows.append(row)
 
     # ---- steps ------------------------------------------------------------------------------
-    def batch(self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> DecoderBatch:
-        """The DecoderBatch of query rows (device tensors), derived from the persistent tables."""
+    def batch(self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+              widths: tuple[int, int] | None = None) -> DecoderBatch:  # fmt: skip
+        """The DecoderBatch of query rows (device tensors), derived from the persistent tables.
+
+        `widths` trims the self/cross tables to the blocks this step can touch (eager steps; a
+        graph keeps the full width and the kernel never reads past the lengths).
+        """
         bs = self.pool.block_size
-        tables = self.tables[rows]
+        w, c = widths or (self.tables.shape[1], self.cross_tables.shape[1])
+        tables = self.tables[rows, :w]
         slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
-        return DecoderBatch(tokens, positions, slots, tables, positions + 1, self.cross_tables[rows],
+        return DecoderBatch(tokens, positions, slots, tables, positions + 1, self.cross_tables[rows, :c],
                             self.cross_lens[rows])  # fmt: skip
+
+    def _widths(self, rows: list[int], positions: list[int]) -> tuple[int, int]:
+        blocks = self.pool.blocks_for
+        return blocks(max(positions) + 1), blocks(max(self.host_cross_lens[r] for r in rows))
 
     def logits(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Float32 logits [rows, vocab] of every query row (teacher forcing), on the CPU."""
         t = [torch.tensor(x, device=self.device) for x in (rows, tokens, positions)]
-        return self.decoder(self.batch(*t), self.pool.layers).cpu()
+        return self.decoder(self.batch(*t, self._widths(rows, positions)), self.pool.layers).cpu()
 
-    def _topk(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _topk(self, inputs: torch.Tensor, widths: tuple[int, int] | None = None):
         rows, tokens, positions, eos_blocked = inputs
-        logp = torch.log_softmax(self.decoder(self.batch(rows, tokens, positions), self.pool.layers), dim=-1)
+        batch = self.batch(rows, tokens, positions, widths)
+        logp = torch.log_softmax(self.decoder(batch, self.pool.layers), dim=-1)
         logp[:, self.eos_id] = logp[:, self.eos_id].masked_fill(eos_blocked.bool(), float("-inf"))
         return torch.topk(logp, self.k, dim=-1)
 
@@ -82,7 +95,7 @@ class DecodeRunner:
         packed = torch.tensor([rows, tokens, positions, eos_blocked], dtype=torch.long)
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
-            values, ids = self._step(packed.to(self.device))
+            values, ids = self._step(packed.to(self.device), self._widths(rows, positions))
         else:
             graph, static, (values, ids) = self._graph(bucket)
             static[:, :n].copy_(packed, non_blocking=True)
