@@ -280,16 +280,3 @@ class PytorchBackend(Backend):
                 self._resolve(res.request_id, result=res)
             for rid, err in out.failures:
                 self._resolve(rid, error=err)
-
-
-def warmup_request(tokenizer, request_id: str = "warmup") -> GenerationRequest:
-    """A short real request that exercises encoder, prefix and decode once before /health/ready."""
-    from serve.engine.request import SamplingParams
-
-    src, tgt = tokenizer.languages[0], tokenizer.languages[-1]
-    return GenerationRequest(
-        request_id,
-        tokenizer.encode(["Hello world."], src)[0],
-        tokenizer.decoder_prefix(tgt),
-        SamplingParams(max_new_tokens=4),
-    )

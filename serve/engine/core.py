@@ -69,7 +69,6 @@ class StepOutput:
 
     results: list[GenerationResult] = field(default_factory=list)
     failures: list[tuple[str, Exception]] = field(default_factory=list)
-    first_tokens: list[str] = field(default_factory=list)
 
 
 class Engine:
@@ -309,7 +308,6 @@ class Engine:
         self.generated_tokens += 1
         if run.first_token_time is None:
             run.first_token_time = time.monotonic()
-            out.first_tokens.append(run.req.request_id)
         if run.search.done:
             del self.running[run.req.request_id]
             self._free(run)
