@@ -159,7 +159,8 @@ class Engine:
 
     @property
     def num_rows(self) -> int:
-        return sum(len(r.search.running) if r.cached else 1 for r in self.running.values())
+        """Decoder rows reserved by running requests (one per beam)."""
+        return sum(len(r.rows) for r in self.running.values())
 
     def _reserve(self, req: GenerationRequest, beams: int, self_tokens: int) -> _Running:
         """Allocate a request's blocks and table rows (the caller checked that they fit)."""
