@@ -11,6 +11,7 @@ from pathlib import Path
 
 from calib.data import CalibError
 from calib.trtllm_quant import QUANT_MODES
+from convert.__main__ import _one_line
 from convert.errors import ConvertError
 
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print("calib: interrupted; nothing written", file=sys.stderr)
         return 130
     except Exception as err:  # unexpected: still one line, the traceback would bury the message
-        print(f"calib: error: {type(err).__name__}: {' '.join(str(err).split())[:300]}", file=sys.stderr)
+        print(f"calib: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
         return 1
     print(out)
     return 0

@@ -45,7 +45,7 @@ def resolve_dtype(
 def load_component(component_dir: Path, device: torch.device, dtype: str | torch.dtype | None = None):
     """Build the Encoder or Decoder of `component_dir` for this process's TP rank."""
     config = json.loads((component_dir / "config.json").read_text())
-    cfg = ModelConfig.from_json(component_dir / "config.json")
+    cfg = ModelConfig.from_config(config)
     if cfg.tp_size != tp.world_size():
         raise ValueError(
             f"{component_dir} was converted for tp_size={cfg.tp_size}; this process group has "

@@ -11,10 +11,8 @@ decoder token is one query row of `serve.runtime.kernels.paged_attention`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +51,8 @@ class ModelConfig:
     is_decoder: bool
 
     @classmethod
-    def from_json(cls, path: str | Path) -> ModelConfig:
-        c = json.loads(Path(path).read_text())
+    def from_config(cls, c: dict) -> ModelConfig:
+        """From a component's parsed config.json."""
         tp = c["mapping"]["tp_size"]
         for key in ("num_attention_heads", "intermediate_size"):
             if c[key] % tp:
