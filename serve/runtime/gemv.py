@@ -1,9 +1,10 @@
 """Weight-streaming matmul for small batches (decode): y = x W^T with float, int8 or int4 weights.
 
 At decode time a step multiplies a handful of rows by every weight matrix, so the cost is
-reading the weights. cuBLAS picks slow kernels for some of these shapes at M=1 (measured on
-an H100: 46 us for a 4096->1024 fp16 matrix, ~5x its bandwidth time) and has no int8/int4
-weight-only path, so this Triton kernel streams each weight once, dequantizing in registers:
+reading the weights. cuBLAS has no int8/int4 weight-only path, so this Triton kernel streams
+each quantized weight once, dequantizing in registers (`serve.runtime.quant` uses it on CUDA).
+The float format is kept for comparison only: float layers use cuBLAS, which measured as fast
+or faster (`scripts/bench_gemv.py`; H100 numbers in `scripts/results/h100/gemv.json`).
 
 | fmt | weight (TRT-LLM checkpoint layout) | scales |
 |---|---|---|
