@@ -150,14 +150,12 @@ def run_hf(model, pad_id: int, items, concurrency: int, new_tokens: int, device:
         chunk = items[b : b + concurrency]
         width = max(len(e) for e, _ in chunk)
         ids = torch.tensor([e + [pad_id] * (width - len(e)) for e, _ in chunk], device=device)
-        t = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=(ids != pad_id).long(), do_sample=False, num_beams=1,
                              forced_bos_token_id=chunk[0][1][-1], forced_eos_token_id=None,
                              min_new_tokens=new_tokens + 1, max_new_tokens=new_tokens + 1)  # fmt: skip
         sync(device)
         lat += [time.perf_counter() - start] * len(chunk)  # all arrived at start of the run
         tokens += (out.shape[1] - 2) * len(chunk)
-        del t
     wall = time.perf_counter() - start
     return {"tokens_per_s": tokens / wall, "requests": len(items), "p50_latency_s": pct(lat, 50),
             "p99_latency_s": pct(lat, 99), "p50_ttft_s": float("nan"), "wall_s": wall}  # fmt: skip
