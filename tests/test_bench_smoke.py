@@ -1,0 +1,37 @@
+"""The GPU scripts run end to end on CPU with the tiny model: scripts/bench.py --smoke and
+scripts/parity_gpu.py --shape tiny (fp32, where the runtime must match HF exactly)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(args: list[str]) -> None:
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, timeout=600)
+
+
+def test_bench_smoke_writes_table_json_and_plot(tmp_path):
+    run(["scripts/bench.py", "--smoke", "--variants", "float32,int8_wo=rtn", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["contenders"]) == {"runtime float32", "runtime int8_wo", "HF generate fp16"}
+    for name, c in report["contenders"].items():
+        assert "error" not in c, name
+        assert all(level["tokens_per_s"] > 0 for level in c["levels"].values())
+    assert (
+        report["contenders"]["runtime int8_wo"]["weight_bytes"]
+        < report["contenders"]["runtime float32"]["weight_bytes"]
+    )
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_parity_script_tiny_fp32_is_exact(tmp_path):
+    run(["scripts/parity_gpu.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
+         "--sentences", "8", "--max-new-tokens", "16", "--out", str(tmp_path)])  # fmt: skip
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert report["max_abs_logit_diff"] <= 1e-4
+    assert report["greedy_identical_sequences"] == report["sentences"] == 8
