@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter (must be set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from eval.data import data_root, read_lines, test_pair_paths
 
@@ -51,3 +56,16 @@ def tiny_ckpt_factory(tiny_mbart_dir, tmp_path_factory):
 def tiny_ckpt(tiny_ckpt_factory) -> Path:
     """The tiny mBART converted with TP=1 in float32."""
     return tiny_ckpt_factory(1, "float32")
+
+
+@pytest.fixture
+def kernel_device(monkeypatch) -> str:
+    """Where the Triton kernels run: the GPU, or CPU tensors in Triton's interpreter."""
+    from serve.runtime import kernels
+
+    if kernels.triton is None:
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available():
+        return "cuda"
+    monkeypatch.setattr(kernels, "CPU_INTERPRETER", True)
+    return "cpu"

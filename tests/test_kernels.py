@@ -1,5 +1,9 @@
-"""Paged attention: the reference against a naive per-row definition (CPU); the Triton kernel and
-CUDA-graph decode against the reference (GPU only, run on the device machine)."""
+"""Decode kernels against their references: paged attention and K/V writes (`kernels`), the fused
+linear and lm_head top-K (`fused`), and a whole decode with the kernels against one without.
+
+The Triton kernels run on the GPU where there is one, and otherwise on CPU tensors in Triton's
+interpreter (float32 there); CUDA-graph decode runs on the GPU only.
+"""
 
 from __future__ import annotations
 
@@ -38,21 +42,26 @@ def test_reference_matches_per_row_definition():
     assert torch.equal(paged_attention(*args), paged_attention_reference(*args))  # CPU dispatches to it
 
 
-@cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_triton_kernel_matches_reference(dtype):
-    args = (*random_paged(n=33, heads=16, dim=64, blocks=300, device="cuda", dtype=dtype), 0.125)
+def test_triton_kernel_matches_reference(dtype, kernel_device):
+    if kernel_device == "cpu" and dtype != torch.float32:
+        pytest.skip("the interpreter runs float32")
+    n, heads = (33, 16) if kernel_device == "cuda" else (4, 2)
+    args = (*random_paged(n=n, heads=heads, dim=64, blocks=300, device=kernel_device, dtype=dtype), 0.125)
     got, ref = paged_attention(*args), paged_attention_reference(*args)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.float() - ref.float()).abs().max().item() <= tol
 
 
-@cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_triton_write_kv_matches_reference(dtype):
-    q, k_pool, v_pool, _, _ = random_paged(n=9, heads=16, dim=64, blocks=50, device="cuda", dtype=dtype)
+def test_triton_write_kv_matches_reference(dtype, kernel_device):
+    if kernel_device == "cpu" and dtype != torch.float32:
+        pytest.skip("the interpreter runs float32")
+    q, k_pool, v_pool, _, _ = random_paged(
+        n=9, heads=16, dim=64, blocks=50, device=kernel_device, dtype=dtype
+    )
     k, v = torch.randn_like(q), torch.randn_like(q)
-    slots = torch.randperm(50 * 16, device="cuda")[:9]
+    slots = torch.randperm(50 * 16, device=kernel_device)[:9]
     ref_k, ref_v = k_pool.clone(), v_pool.clone()
     write_kv_reference(ref_k, ref_v, slots, k, v)
     write_kv(k_pool, v_pool, slots, k, v)
@@ -73,29 +82,130 @@ def test_cuda_graph_decode_matches_eager(tiny_ckpt):
     for beam in (1, 4):
         params = SamplingParams(beam_size=beam, max_new_tokens=20)
         assert graphed.generate_ids(enc, prefix, params) == eager.generate_ids(enc, prefix, params)
-    assert graphed.engine.runner.graphs, "graphs were captured"
+    runner = graphed.engine.runner
+    runner.capture_graphs()  # what the server does at start-up
+    assert set(runner.graphs) == set(runner.buckets)
+    params = SamplingParams(beam_size=2, max_new_tokens=20)
+    assert graphed.generate_ids(enc, prefix, params) == eager.generate_ids(enc, prefix, params)
 
 
-@cuda
-@pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 5, 16])
-@pytest.mark.parametrize("n,k", [(1000, 1024), (1024, 4096)])
-def test_gemv_matches_reference(fmt, rows, n, k):
-    from serve.runtime import gemv
+def random_weights(fmt: str, n: int, k: int, device: str, dtype: torch.dtype, seed: int = 0):
+    from serve.runtime import fused
+    from serve.runtime.quant import pack_int4
 
-    g = torch.Generator(device="cuda").manual_seed(rows + n)
-    x = torch.randn(rows, k, device="cuda", generator=g).half()
-    code = {"float": gemv.FLOAT, "int8": gemv.INT8, "int4": gemv.INT4}[fmt]
+    g = torch.Generator().manual_seed(seed)
     if fmt == "float":
-        args = (torch.randn(n, k, device="cuda", generator=g).half() / 32,)
-    elif fmt == "int8":
-        w = torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8, generator=g)
-        args = (w, torch.rand(n, device="cuda", generator=g).half() / 500)
-    else:
-        w = torch.randint(-128, 128, (n // 2, k), device="cuda", dtype=torch.int8, generator=g)
-        scales = torch.rand(n, k // 128, device="cuda", generator=g).half() / 50
-        args = (w, scales, 0.5 + torch.rand(1, k, device="cuda", generator=g).half())
-    ref = gemv.gemv_reference(x.float(), code, *(a.float() if a.is_floating_point() else a for a in args))
-    got = gemv.gemv(x, code, *args)
-    assert got.shape == ref.shape and got.dtype == x.dtype
-    assert ((got.float() - ref).abs().max() / ref.abs().max()).item() < 5e-3
+        return fused.Weights(fused.FLOAT, (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype))
+    if fmt == "int8":
+        w = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
+        return fused.Weights(
+            fused.INT8, w.to(device), (torch.rand(n, generator=g) / 100 / k**0.5).to(device, dtype)
+        )
+    q = pack_int4(torch.randint(-8, 8, (n, k), generator=g))
+    scales = (torch.rand(n, k // 128, generator=g) / 4 / k**0.5).to(device, dtype)
+    return fused.Weights(
+        fused.INT4, q.to(device), scales, (0.5 + torch.rand(k, generator=g)).to(device, dtype), 128
+    )
+
+
+def as_float32(x, w, kw):
+    """The float32 reference's inputs: (x, weights, kwargs) upcast, with a float32 copy of the norm."""
+    from copy import deepcopy
+
+    from serve.runtime import fused
+
+    up = {key: v.float() if torch.is_tensor(v) else v for key, v in kw.items()}
+    if kw.get("norm") is not None:
+        up["norm"] = deepcopy(kw["norm"]).float()
+    w32 = fused.Weights(w.fmt, w.weight, *(t.float() if t is not None else None for t in (w.scale, w.prequant)),
+                        w.group)  # fmt: skip
+    return x.float(), w32, up
+
+
+def kernel_cases(device: str):
+    """(dtype, shapes, relative tolerance): model-sized in half precision on the GPU, small in the interpreter."""
+    if device == "cuda":
+        return [(dt, [(1, 3072, 1024), (7, 1024, 4096), (64, 4096, 1024)], 1e-2)
+                for dt in (torch.float16, torch.bfloat16)]  # fmt: skip
+    return [(torch.float32, [(1, 96, 256), (20, 64, 384)], 1e-5)]
+
+
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
+def test_fused_linear_matches_reference(fmt, kernel_device):
+    """Every epilogue and prologue the decoder uses, every weight format, one and several row blocks
+    (against float32 math: the kernel accumulates in float32 and rounds once)."""
+    from serve.runtime import fused
+
+    g = torch.Generator().manual_seed(1)
+    for dtype, shapes, tol in kernel_cases(kernel_device):
+        for m, n, k in shapes:
+            w = random_weights(fmt, n, k, kernel_device, dtype)
+            norm = torch.nn.LayerNorm(k, device=kernel_device, dtype=dtype)
+            with torch.no_grad():
+                norm.weight.copy_(1 + torch.randn(k, generator=g) / 4)
+                norm.bias.copy_(torch.randn(k, generator=g) / 4)
+            x = (3 * torch.randn(m, k, generator=g) + 1).to(kernel_device, dtype)
+            bias = torch.randn(n, generator=g).to(kernel_device, dtype)
+            res = torch.randn(m, n, generator=g).to(kernel_device, dtype)
+            variants = [dict(norm=norm), dict(norm=norm, bias=bias, act="gelu"), dict(bias=bias, residual=res),
+                        dict(act="gelu_new"), dict(bias=bias, act="relu")]  # fmt: skip
+            for variant in variants:
+                for cols in (n, n // 3 // 2 * 2):  # full, and the leading columns only (cross-attention Q)
+                    kw = (
+                        {**variant, "residual": res[:, :cols].contiguous()}
+                        if "residual" in variant
+                        else variant
+                    )
+                    got = fused.linear_triton(x, w, cols, **kw)
+                    x32, w32, kw32 = as_float32(x, w, kw)
+                    ref = fused.linear_reference(x32, w32, cols, **kw32)
+                    assert got.shape == (m, cols) and got.dtype == dtype
+                    err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+                    assert err < tol, (m, n, k, dtype, sorted(kw), cols, err)
+
+
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
+def test_lm_head_topk_matches_log_softmax_topk(fmt, kernel_device):
+    from serve.runtime import fused
+
+    m, vocab, k = (5, 250054, 1024) if kernel_device == "cuda" else (5, 300, 128)
+    dtype = torch.float16 if kernel_device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(2)
+    w = random_weights(fmt, vocab + 2, k, kernel_device, dtype)  # padded rows past the vocabulary
+    x = (4 * torch.randn(m, k, generator=g)).to(kernel_device, dtype)
+    norm = torch.nn.LayerNorm(k, device=kernel_device, dtype=dtype)
+    blocked = torch.tensor([0, 1, 0, 1, 1], device=kernel_device)
+    x32, w32, kw32 = as_float32(x, w, {"norm": norm})
+    ref_v, ref_i = fused.lm_head_topk_reference(x32, w32, vocab, 8, 3, blocked, **kw32)
+    got_v, got_i = fused.lm_head_topk_triton(
+        x, w, vocab, 8, 3, blocked, norm, block_n=None if dtype != torch.float32 else 32
+    )
+    assert (got_i < vocab).all() and not (got_i[blocked.bool()] == 3).any()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert (got_v - ref_v).abs().max().item() < tol
+    clear = ref_v[:, 0] - ref_v[:, 1] > 10 * tol  # half-precision products may reorder near-ties
+    assert (got_i[:, 0] == ref_i[:, 0])[clear].all()
+    if dtype == torch.float32:
+        assert torch.equal(got_i, ref_i)
+
+
+def test_decode_with_kernels_matches_reference_path(tiny_ckpt, kernel_device):
+    """Greedy and beam search token-identical with and without the fused kernels (tiny model)."""
+    from serve.engine.request import SamplingParams
+    from serve.runtime import fused
+    from serve.runtime.translator import Translator
+    from tests.conftest import real_sentences
+
+    tr = Translator.load(tiny_ckpt, device=kernel_device, cuda_graphs=False)
+    tok = tr.tokenizer
+    enc = tok.encode(real_sentences("ar", 2), tok.language("ar"))
+    prefix = [tok.decoder_prefix(tok.language("en"))] * len(enc)
+    for beam in (1, 2):
+        params = SamplingParams(beam_size=beam, max_new_tokens=6)
+        with_kernels = tr.generate_ids(enc, prefix, params)
+        fused.ENABLED = False
+        try:
+            without = tr.generate_ids(enc, prefix, params)
+        finally:
+            fused.ENABLED = True
+        assert with_kernels == without

@@ -68,7 +68,9 @@ def build_engine(ckpt_dir: Path, s: BackendSettings, eos_id: int, device: torch.
             cfg, min(encoder.cfg.max_position_embeddings, d.max_position_embeddings)
         )
         cfg.num_kv_blocks = max(1, min(budget, useful))
-    return Engine(encoder, decoder, cfg, eos_id=eos_id, device=device)
+    engine = Engine(encoder, decoder, cfg, eos_id=eos_id, device=device)
+    engine.runner.capture_graphs()  # every rank, in the same order: graphs hold the TP collectives
+    return engine
 
 
 def _device_for_rank(s: BackendSettings, rank: int) -> torch.device:

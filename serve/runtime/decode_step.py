@@ -85,9 +85,7 @@ class DecodeRunner:
     def _topk(self, inputs: torch.Tensor, widths: tuple[int, int] | None = None):
         rows, tokens, positions, eos_blocked = inputs
         batch = self.batch(rows, tokens, positions, widths)
-        logp = torch.log_softmax(self.decoder(batch, self.pool.layers), dim=-1)
-        logp[:, self.eos_id] = logp[:, self.eos_id].masked_fill(eos_blocked.bool(), float("-inf"))
-        return torch.topk(logp, self.k, dim=-1)
+        return self.decoder.topk(batch, self.pool.layers, self.k, self.eos_id, eos_blocked)
 
     def __call__(self, rows: list[int], tokens: list[int], positions: list[int], eos_blocked: list[bool]):
         """Top-k (log-prob, id) [len(rows), k] of the next token of each query row, on the CPU."""
@@ -102,6 +100,11 @@ class DecodeRunner:
             static[:, n:] = self._padding[:, : bucket - n]
             graph.replay()
         return values[:n].cpu(), ids[:n].cpu()
+
+    def capture_graphs(self) -> None:
+        """Capture every bucket's graph now (compiling its kernels), so that no request waits for one."""
+        for n in self.buckets:
+            self._graph(n)
 
     def _graph(self, n: int):
         if n not in self.graphs:

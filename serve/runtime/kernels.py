@@ -18,6 +18,15 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
+# Tests set this (with TRITON_INTERPRET=1 in the environment before triton is imported) to run
+# the Triton kernels on CPU tensors in Triton's interpreter; serving never does.
+CPU_INTERPRETER = False
+
+
+def triton_ok(x: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on x's device."""
+    return triton is not None and (x.is_cuda or CPU_INTERPRETER)
+
 
 def write_kv_reference(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor) -> None:  # fmt: skip
@@ -121,7 +130,7 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k:
 
 
 def _use_triton(x: torch.Tensor, pool: torch.Tensor) -> bool:
-    return x.is_cuda and triton is not None and _pow2(x.shape[-1]) and _pow2(pool.shape[1])
+    return triton_ok(x) and _pow2(x.shape[-1]) and _pow2(pool.shape[1])
 
 
 def _pow2(n: int) -> bool:

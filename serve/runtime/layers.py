@@ -2,7 +2,8 @@
 
 `Linear` is the single extension point for quantization: quantized variants (in
 `serve.runtime.quant`) subclass it, register the checkpoint's extra tensors, and override
-`matmul`; tensor parallelism only sets `reduce` on row-parallel layers.
+`matmul` and `kernel_weights` (how the fused decode kernels read them); tensor parallelism
+only sets `reduce` on row-parallel layers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serve.runtime import tp
+from serve.runtime.fused import FLOAT, Weights
 
 
 class Linear(nn.Module):
@@ -25,6 +27,10 @@ class Linear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+    def kernel_weights(self) -> Weights | None:
+        """The weight as `serve.runtime.fused` reads it; None where its kernels cannot."""
+        return Weights(FLOAT, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduce or tp.world_size() == 1:

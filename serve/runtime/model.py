@@ -17,15 +17,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from serve.runtime import fused, tp
+from serve.runtime.fused import ACTIVATIONS
 from serve.runtime.kernels import paged_attention, write_kv
 from serve.runtime.layers import Embedding, LayerNorm, Linear
 
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+MASKED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,10 @@ class ModelConfig:
         for key in ("num_attention_heads", "intermediate_size"):
             if c[key] % tp:
                 raise ValueError(f"{key}={c[key]} is not divisible by tp_size={tp}")
+        if c["hidden_act"] not in ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {c['hidden_act']!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
+            )
         if c.get("relative_attention") or c.get("layernorm_type", 0) != 0 or c.get("mlp_type", 0) != 0:
             raise ValueError(
                 "only learned-position LayerNorm MLP encoder-decoders (BART/mBART) are supported"
@@ -140,7 +143,9 @@ def packed_attention(
 ) -> torch.Tensor:
     """Bidirectional attention within each packed sequence: [T, h, d] -> [T, h, d].
 
-    Scatters into a padded [B, h, S, d] batch for one SDPA call.
+    Scatters into a padded [B, h, S, d] batch for one SDPA call. cuDNN's backend is left out: it
+    plans each new (batch, length) shape, which cost about 20 ms per encoder layer on an H100
+    (`scripts/profile_step.py`), and every admission brings a new shape.
     """
 
     def pad(x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +153,8 @@ def packed_attention(
         out[layout.seq_idx, layout.pos_in_seq] = x
         return out.transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=layout.mask, scale=scale)
+    with sdpa_kernel(MASKED_SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=layout.mask, scale=scale)
     return out.transpose(1, 2)[layout.seq_idx, layout.pos_in_seq]
 
 
@@ -163,24 +169,38 @@ class Attention(nn.Module):
         self.dense = Linear(inner, cfg.hidden_size, reduce=True)
         self.scale = 1.0 / (cfg.q_scaling * math.sqrt(cfg.head_size))
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unscaled q, k, v [T, heads, head_size] (the attention kernels apply `scale`)."""
-        q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, self.head_size).unbind(1)
-        return q, k, v
-
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """Q alone, reading only the Q rows of the fused weight (cross-attention's per-step need)."""
-        return self.qkv.forward_rows(x, self.heads * self.head_size).view(
-            x.shape[0], self.heads, self.head_size
-        )
+    def heads_of(self, t: torch.Tensor) -> torch.Tensor:
+        """[T, n * heads * head_size] -> [T, n, heads, head_size] (n = 3 for q, k, v; 1 for q)."""
+        return t.view(t.shape[0], -1, self.heads, self.head_size)
 
     def cross_kv(self, enc_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention K/V of encoder output (computed once per request)."""
-        _, k, v = self.project(enc_out)
+        _, k, v = self.heads_of(self.qkv(enc_out)).unbind(1)
         return k, v
 
-    def out(self, attn: torch.Tensor) -> torch.Tensor:
-        return self.dense(attn.reshape(attn.shape[0], -1))
+
+class Block(nn.Module):
+    """What encoder and decoder layers share: sublayers wrapped in LayerNorm and a residual.
+
+    Pre-LN (mBART) is x + f(LN(x)): the norm is fused into f's input projection. Post-LN (BART)
+    is LN(x + f(x)): the norm follows f's output projection and its residual add.
+    `fused.linear` runs each projection with its norm, bias, activation and residual in one kernel.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_ln, self.act = cfg.pre_layernorm, cfg.hidden_act
+
+    def project_in(self, x: torch.Tensor, norm: LayerNorm, layer: Linear, **kw) -> torch.Tensor:
+        return fused.linear(x, layer, norm=norm if self.pre_ln else None, **kw)
+
+    def project_out(self, h: torch.Tensor, norm: LayerNorm, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        y = fused.linear(h, layer, residual=x)
+        return y if self.pre_ln else norm(y)
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.project_in(x, self.mlp_layernorm, self.mlp.fc, act=self.act)
+        return self.project_out(h, self.mlp_layernorm, self.mlp.proj, x)
 
 
 class MLP(nn.Module):
@@ -188,39 +208,26 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = Linear(cfg.hidden_size, cfg.ffn_size)
         self.proj = Linear(cfg.ffn_size, cfg.hidden_size, reduce=True)
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.act(self.fc(x)))
 
 
-def residual(pre_ln: bool, norm: nn.Module, fn, x: torch.Tensor) -> torch.Tensor:
-    """Pre-LN (mBART): x + f(LN(x)); post-LN (BART): LN(x + f(x))."""
-    return x + fn(norm(x)) if pre_ln else norm(x + fn(x))
-
-
-class EncoderLayer(nn.Module):
+class EncoderLayer(Block):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.pre_ln = cfg.pre_layernorm
+        super().__init__(cfg)
         self.attention = Attention(cfg)
         self.attention_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.mlp_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        def attend(h: torch.Tensor) -> torch.Tensor:
-            attn = packed_attention(*self.attention.project(h), layout, self.attention.scale)
-            return self.attention.out(attn)
-
-        x = residual(self.pre_ln, self.attention_layernorm, attend, x)
-        return residual(self.pre_ln, self.mlp_layernorm, self.mlp, x)
+        att, norm = self.attention, self.attention_layernorm
+        q, k, v = att.heads_of(self.project_in(x, norm, att.qkv)).unbind(1)
+        x = self.project_out(packed_attention(q, k, v, layout, att.scale).flatten(1), norm, att.dense, x)
+        return self.mlp_block(x)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Block):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.pre_ln = cfg.pre_layernorm
+        super().__init__(cfg)
         self.self_attention = Attention(cfg)
         self.self_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
         self.cross_attention = Attention(cfg)
@@ -232,21 +239,17 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, b: DecoderBatch, kv: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         k_pool, v_pool = kv  # this layer's [2][num_blocks, block_size, h, d]
+        att, norm = self.self_attention, self.self_attention_layernorm
+        q, k, v = att.heads_of(self.project_in(x, norm, att.qkv)).unbind(1)
+        write_kv(k_pool, v_pool, b.slots, k, v)
+        a = paged_attention(q, k_pool, v_pool, b.ctx_tables, b.ctx_lens, att.scale)
+        x = self.project_out(a.flatten(1), norm, att.dense, x)
 
-        def self_attend(h: torch.Tensor) -> torch.Tensor:
-            att = self.self_attention
-            q, k, v = att.project(h)
-            write_kv(k_pool, v_pool, b.slots, k, v)
-            return att.out(paged_attention(q, k_pool, v_pool, b.ctx_tables, b.ctx_lens, att.scale))
-
-        def cross_attend(h: torch.Tensor) -> torch.Tensor:
-            att = self.cross_attention
-            q = att.query(h)
-            return att.out(paged_attention(q, k_pool, v_pool, b.cross_tables, b.cross_lens, att.scale))
-
-        x = residual(self.pre_ln, self.self_attention_layernorm, self_attend, x)
-        x = residual(self.pre_ln, self.cross_attention_layernorm, cross_attend, x)
-        return residual(self.pre_ln, self.mlp_layernorm, self.mlp, x)
+        att, norm = self.cross_attention, self.cross_attention_layernorm
+        q = att.heads_of(self.project_in(x, norm, att.qkv, n=att.heads * att.head_size))[:, 0]  # Q rows only
+        a = paged_attention(q, k_pool, v_pool, b.cross_tables, b.cross_lens, att.scale)
+        x = self.project_out(a.flatten(1), norm, att.dense, x)
+        return self.mlp_block(x)
 
 
 class Transformer(nn.Module):
@@ -293,19 +296,38 @@ class Decoder(nn.Module):
         """Per layer (K, V) of the packed encoder output for cross-attention, [T, h, d] each."""
         return [layer.cross_attention.cross_kv(enc_out) for layer in self.transformer.layers]
 
-    def forward(self, b: DecoderBatch, kv_pools: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Float32 logits [len(logit_rows), vocab_size] (gathered across TP ranks, padding removed)."""
+    def hidden(self, b: DecoderBatch, kv_pools: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Last layer's output [len(logit_rows), hidden] (before the final norm)."""
         x = self.transformer.embed(b.tokens, b.positions)
         for layer, kv in zip(self.transformer.layers, kv_pools, strict=True):
             x = layer(x, b, kv)
-        x = self.transformer.ln_f(x if b.logit_rows is None else x[b.logit_rows])
+        return x if b.logit_rows is None else x[b.logit_rows]
+
+    def forward(self, b: DecoderBatch, kv_pools: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Float32 logits [len(logit_rows), vocab_size] (gathered across TP ranks, padding removed)."""
+        x = self.transformer.ln_f(self.hidden(b, kv_pools))
         return gather_vocab(self.lm_head(x).float())[:, : self.cfg.vocab_size]
+
+    def topk(self, b: DecoderBatch, kv_pools: list[tuple[torch.Tensor, torch.Tensor]], k: int, eos_id: int,
+             eos_blocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Top-k (log-prob, id) [rows, k] of the next token, EOS masked where `eos_blocked`.
+
+        On one rank the final norm, lm_head and log-softmax run as `fused.lm_head_topk_triton`,
+        which never writes the [rows, vocab] logits.
+        """
+        x = self.hidden(b, kv_pools)
+        w = self.lm_head.kernel_weights()
+        if tp.world_size() == 1 and fused.usable(x, w, fused.LM_HEAD_MAX_ROWS):
+            norm = self.transformer.ln_f if self.cfg.has_final_layernorm else None
+            return fused.lm_head_topk_triton(x, w, self.cfg.vocab_size, k, eos_id, eos_blocked, norm)
+        logits = gather_vocab(self.lm_head(self.transformer.ln_f(x)).float())[:, : self.cfg.vocab_size]
+        logp = torch.log_softmax(logits, dim=-1)
+        logp[:, eos_id] = logp[:, eos_id].masked_fill(eos_blocked.bool(), float("-inf"))
+        return torch.topk(logp, k, dim=-1)
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     """Concatenate the column-parallel lm_head shards of all TP ranks."""
-    from serve.runtime import tp
-
     if tp.world_size() == 1:
         return logits
     parts = [torch.empty_like(logits) for _ in range(tp.world_size())]

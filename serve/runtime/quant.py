@@ -17,9 +17,9 @@ with `load_state_dict(strict=True)`. Shapes are per rank, like every other runti
 | | activation_scaling_factor | float32 | [1] |
 | | prequant_scaling_factor | float | [in] |
 
-`matmul` streams the quantized weight through `serve.runtime.gemv` on CUDA (dequantizing in
-registers); elsewhere it dequantizes on the fly (W8A16 on CPU float32 uses
-`torch._weight_int8pack_mm`). Faster kernels belong in `matmul` and nowhere else.
+Decode steps read W8A16 and W4A16_AWQ weights through `serve.runtime.fused`, which dequantizes
+in registers (`kernel_weights` says how); `matmul` is the path for everything else (prefill,
+CPU): it dequantizes on the fly (W8A16 on CPU float32 uses `torch._weight_int8pack_mm`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from serve.runtime import gemv
+from serve.runtime.fused import INT4, INT8, Weights
 from serve.runtime.layers import Linear
 
 # TensorRT-LLM's own default when a checkpoint names no exclude_modules (quantization/quantize.py).
@@ -102,9 +102,10 @@ class WeightOnlyInt8Linear(QuantLinear):
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.t().to(dtype) * self.per_channel_scale.to(dtype)[:, None]
 
+    def kernel_weights(self) -> Weights:
+        return Weights(INT8, self.weight, self.per_channel_scale)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if gemv.usable(x, gemv.INT8):
-            return gemv.gemv(x, gemv.INT8, self.weight, self.per_channel_scale)
         if x.device.type == "cpu" and x.dtype == torch.float32:
             y = torch._weight_int8pack_mm(
                 x.reshape(-1, x.shape[-1]).contiguous(), self.weight.t().contiguous(), self.per_channel_scale
@@ -145,10 +146,11 @@ class AWQInt4Linear(QuantLinear):
         scales = self.weights_scaling_factor.to(dtype).repeat_interleave(self.group_size, dim=1)
         return unpack_int4(self.weight).to(dtype) * scales
 
+    def kernel_weights(self) -> Weights:
+        pre = self.prequant_scaling_factor.reshape(-1)
+        return Weights(INT4, self.weight, self.weights_scaling_factor, pre, self.group_size)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if gemv.usable(x, gemv.INT4, self.group_size):
-            args = (self.weight, self.weights_scaling_factor, self.prequant_scaling_factor, self.group_size)
-            return gemv.gemv(x, gemv.INT4, *args)
         x = x * self.prequant_scaling_factor.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype))
 
@@ -174,6 +176,9 @@ class SmoothQuantLinear(QuantLinear):
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.to(dtype) * self.weights_scaling_factor.to(dtype)[:, None]
+
+    def kernel_weights(self) -> None:
+        return None  # int8 activations: the reference path
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The smoothed input after its int8 round trip (what the int8 GEMM effectively sees)."""

@@ -1,0 +1,156 @@
+"""Decode-shape kernels at mBART-large-50 sizes: the fused Triton linear / lm_head top-K against the
+unfused PyTorch composition they replace, timed as CUDA-graph replays (as the decode step runs them)
+over rotating weight copies (so weights come from HBM, not L2). GPU only.
+
+    python scripts/bench_kernels.py --out out/kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from serve.runtime import fused  # noqa: E402
+from serve.runtime.quant import pack_int4  # noqa: E402
+
+# name: (N, K, LayerNorm prologue, bias, activation, residual) as the decoder layer uses them
+SHAPES = {
+    "qkv": (3072, 1024, True, True, None, False),
+    "dense": (1024, 1024, False, True, None, True),
+    "fc": (4096, 1024, True, True, "gelu", False),
+    "proj": (1024, 4096, False, True, None, True),
+}
+VOCAB, HIDDEN = 250054, 1024
+L2_BYTES = 50 * 2**20
+
+
+def weights(fmt: str, n: int, k: int) -> fused.Weights:
+    dev = "cuda"
+    if fmt == "fp16":
+        return fused.Weights(fused.FLOAT, torch.randn(n, k, device=dev, dtype=torch.float16) / 32)
+    if fmt == "int8":
+        w = torch.randint(-127, 128, (k, n), device=dev, dtype=torch.int8)
+        return fused.Weights(fused.INT8, w, torch.rand(n, device=dev, dtype=torch.float16) / 500)
+    q = pack_int4(torch.randint(-8, 8, (n, k), device=dev))
+    s = torch.rand(n, k // 128, device=dev, dtype=torch.float16) / 50
+    return fused.Weights(fused.INT4, q, s, torch.ones(k, device=dev, dtype=torch.float16), 128)
+
+
+def nbytes(w: fused.Weights) -> int:
+    return sum(t.numel() * t.element_size() for t in (w.weight, w.scale) if t is not None)
+
+
+def torch_path(x, w, bias, norm, act, residual):
+    h = F.linear(norm(x) if norm is not None else x, w.weight, bias)
+    h = F.gelu(h) if act else h
+    return h + residual if residual is not None else h
+
+
+def graph_us(calls: list, reps: int = 20) -> float:
+    """Median GPU time of one call, from replays of a graph that runs every call once."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def try_graph_us(calls: list) -> float | None:
+    """`graph_us`, or None (reported) for a tile that does not fit the GPU's resources."""
+    try:
+        return graph_us(calls)
+    except Exception as e:  # triton.runtime.errors.OutOfResources and the like
+        print(f"skipped: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/kernels"))
+    ap.add_argument("--rows", default="1,16,64")
+    ap.add_argument("--sweep", action="store_true", help="also try other tile shapes at 1 row")
+    args = ap.parse_args()
+    results = []
+    norm = torch.nn.LayerNorm(HIDDEN, device="cuda", dtype=torch.float16)
+    for m in (int(r) for r in args.rows.split(",")):
+        for name, (n, k, ln, has_bias, act, has_res) in SHAPES.items():
+            lnorm = norm if ln else torch.nn.LayerNorm(k, device="cuda", dtype=torch.float16)
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            bias = torch.randn(n, device="cuda", dtype=torch.float16) if has_bias else None
+            res = torch.randn(m, n, device="cuda", dtype=torch.float16) if has_res else None
+            for fmt in ("fp16", "int8", "int4"):
+                copies = [
+                    weights(fmt, n, k) for _ in range(max(2, 2 * L2_BYTES // nbytes(weights(fmt, n, k))))
+                ]
+                kw = dict(bias=bias, norm=lnorm if ln else None, act=act, residual=res)
+                configs = [(None, None, 4)]
+                if args.sweep and m == 1:
+                    configs += list(itertools.product((16, 32), (64, 128, 256, 512), (4, 8)))
+                for bn, bk, warps in configs:
+                    if fmt == "int4" and bk not in (None, 64, 128):
+                        continue
+                    calls = [partial(fused.linear_triton, x, w, n, block_n=bn, block_k=bk, num_warps=warps, **kw)
+                             for w in copies]  # fmt: skip
+                    us = try_graph_us(calls)
+                    if us is not None:
+                        results.append({"rows": m, "shape": name, "fmt": fmt, "us": us,
+                                        "impl": f"fused bn={bn} bk={bk} warps={warps}"})  # fmt: skip
+                if fmt == "fp16":  # what runs without the fused kernels: LN, cuBLAS with bias, GELU, add
+                    us = graph_us([partial(torch_path, x, w, **kw) for w in copies])
+                    results.append({"rows": m, "shape": name, "fmt": fmt, "impl": "torch (cuBLAS)", "us": us})
+                for r in results:
+                    r.setdefault("GBps", nbytes(copies[0]) / r["us"] / 1e3)
+        blocked = torch.zeros(m, dtype=torch.long, device="cuda")
+        x = torch.randn(m, HIDDEN, device="cuda", dtype=torch.float16)
+        for fmt in ("fp16", "int8", "int4"):
+            w = weights(fmt, VOCAB, HIDDEN)
+            configs = [(128, None, 4)]
+            if args.sweep and m == 1:
+                configs += list(itertools.product((64, 128, 256), (128, 256), (4, 8)))
+            for bn, bk, warps in configs:
+                if fmt == "int4" and bk not in (None, 64, 128):
+                    continue
+                us = try_graph_us(
+                    [partial(fused.lm_head_topk_triton, x, w, VOCAB, 8, 2, blocked, norm, bn, bk, warps)]
+                )
+                if us is not None:
+                    results.append({"rows": m, "shape": "lm_head+topk", "fmt": fmt, "us": us,
+                                "impl": f"fused bn={bn} bk={bk} warps={warps}", "GBps": nbytes(w) / us / 1e3})  # fmt: skip
+            if fmt == "fp16":
+                us = graph_us([partial(fused.lm_head_topk_reference, x, w, VOCAB, 8, 2, blocked, norm)])
+                results.append({"rows": m, "shape": "lm_head+topk", "fmt": fmt, "impl": "torch (cuBLAS)",
+                                "us": us, "GBps": nbytes(w) / us / 1e3})  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(
+        f"{torch.cuda.get_device_name()}\n| rows | shape | fmt | impl | us | weight GB/s |\n|---|---|---|---|---|---|"
+    )
+    for r in results:
+        print(f"| {r['rows']} | {r['shape']} | {r['fmt']} | {r['impl']} | {r['us']:.1f} | {r['GBps']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

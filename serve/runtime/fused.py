@@ -1,0 +1,334 @@
+"""Fused decode kernels: one Triton launch per linear layer of a decode step, and the lm_head's top-K.
+
+A decode step multiplies a few rows by every weight matrix, so each layer costs a launch and
+a pass over its weights; the LayerNorm, bias, GELU and residual add around it cost launches of
+their own. `linear` folds them into the matmul: the LayerNorm into its prologue (every program
+recomputes its rows' statistics, which are tiny next to the weight tile it streams), the rest
+into its epilogue. Weights stay in the checkpoint's layout and are dequantized in registers:
+
+| fmt | weight (TRT-LLM checkpoint layout) | scales |
+|---|---|---|
+| FLOAT | [N, K] | - |
+| INT8 (W8A16) | int8 [K, N] | per output channel [N] |
+| INT4 (W4A16_AWQ) | int8 [N/2, K], rows 2j / 2j+1 in the low / high nibble | [N, K/group], x scaled by [K] first |
+
+`lm_head_topk` runs the final LayerNorm and the lm_head the same way, but never writes the
+[rows, vocab] logits: each program reduces its vocabulary tile to a softmax partial (max, sum
+of exponentials) and its local top-K, and a small merge gives each row's top-K log-probabilities.
+
+Both fall back to the PyTorch composition they are tested against (`*_reference`) off CUDA,
+for more than `MAX_ROWS` rows, under tensor parallelism where a kernel would need a collective
+inside it, and for formats they do not read (SmoothQuant); `MT_FUSED=0` forces the fallback.
+CI runs the kernels themselves on CPU tensors in Triton's interpreter (`kernels.CPU_INTERPRETER`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+from serve.runtime import kernels, tp
+
+FLOAT, INT8, INT4 = 0, 1, 2
+ACTIVATIONS = {  # TRT-LLM hidden_act names
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+ACT_CODES = {None: 0, "gelu": 1, "gelu_new": 2, "relu": 3}
+# Rows up to which the kernels beat cuBLAS plus separate norm/activation/add kernels on the H100
+# (`scripts/bench_kernels.py`); more rows take the reference. The lm_head top-K pays at every batch.
+MAX_ROWS = 16
+LM_HEAD_MAX_ROWS = 256
+ENABLED = os.environ.get("MT_FUSED", "1") != "0"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A linear layer's weight as the kernels read it (`Linear.kernel_weights`)."""
+
+    fmt: int
+    weight: torch.Tensor
+    scale: torch.Tensor | None = None
+    prequant: torch.Tensor | None = None  # [K]
+    group: int = 128
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float [N, K] weight (after input scaling, for INT4)."""
+        if self.fmt == FLOAT:
+            return self.weight.to(dtype)
+        if self.fmt == INT8:
+            return self.weight.t().to(dtype) * self.scale.to(dtype)[:, None]
+        b = self.weight.view(torch.uint8).to(torch.int16)
+        q = torch.stack([b & 0xF, b >> 4], dim=1).reshape(2 * self.weight.shape[0], self.weight.shape[1])
+        q = torch.where(q > 7, q - 16, q).to(dtype)
+        return q * self.scale.to(dtype).repeat_interleave(self.group, dim=1)
+
+    def n_k_strides(self) -> tuple[int, int]:
+        """Strides of output row n and input column k (of packed row n/2 for INT4)."""
+        w = self.weight
+        return (w.stride(1), w.stride(0)) if self.fmt == INT8 else (w.stride(0), w.stride(1))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_stats(x_rows, m_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Mean and 1/std of each row (two passes, as LayerNorm computes them)."""
+        rk = tl.arange(0, BLOCK_K)
+        total = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ok = m_ok[:, None] & (k0 + rk < K)[None, :]
+            total += tl.sum(tl.load(x_rows + k0 + rk[None, :], mask=ok, other=0.0).to(tl.float32), axis=1)
+        mean = total / K
+        sq = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ok = m_ok[:, None] & (k0 + rk < K)[None, :]
+            d = tl.load(x_rows + k0 + rk[None, :], mask=ok, other=0.0).to(tl.float32) - mean[:, None]
+            sq += tl.sum(tl.where(ok, d * d, 0.0), axis=1)
+        return mean, 1.0 / tl.sqrt(sq / K + eps)
+
+    @triton.jit
+    def _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, N, K, eps, stride_xm, stride_wn,
+                     stride_wk, stride_sn, FMT: tl.constexpr, GROUP: tl.constexpr, HAS_LN: tl.constexpr,
+                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):  # fmt: skip
+        """fp32 [BLOCK_M, BLOCK_N] tile of LN(x) W^T for output columns of program_id(0)."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        rk = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + rm[:, None] * stride_xm
+        if HAS_LN:
+            mean, rstd = _row_stats(x_rows, m_ok, K, eps, BLOCK_M, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < K
+            a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_LN:  # masked columns get gamma = beta = 0, so they stay zero
+                g = tl.load(g_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+                b = tl.load(beta_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+                a = ((a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]).to(
+                    x_ptr.dtype.element_ty
+                )
+            if FMT == 2:
+                pre = tl.load(pre_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+                a = (a.to(tl.float32) * pre[None, :]).to(x_ptr.dtype.element_ty)
+            if FMT == 2:  # packed int4: byte (j, k) holds columns 2j (low nibble) and 2j+1 (high)
+                HALF: tl.constexpr = BLOCK_N // 2
+                rj = tl.program_id(0) * HALF + tl.arange(0, HALF)
+                p = tl.load(w_ptr + rj[None, :] * stride_wn + kk[:, None] * stride_wk,
+                            mask=(rj < N // 2)[None, :] & k_ok[:, None], other=0).to(tl.int32)  # fmt: skip
+                w = tl.reshape(tl.join((p << 28) >> 28, (p << 24) >> 28), (BLOCK_K, BLOCK_N))
+            else:
+                w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                            mask=n_ok[None, :] & k_ok[:, None], other=0)  # fmt: skip
+            w = w.to(x_ptr.dtype.element_ty)
+            part = tl.dot(a, w, input_precision="ieee") if IEEE else tl.dot(a, w)
+            if FMT == 2:  # BLOCK_K divides GROUP: one scale per column in this K slab
+                s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+                part = part * s[None, :]
+            acc += part
+        if FMT == 1:
+            acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _linear_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, bias_ptr, res_ptr, y_ptr, M, N, K, eps,
+                       stride_xm, stride_wn, stride_wk, stride_sn, stride_rm, stride_ym, FMT: tl.constexpr,
+                       GROUP: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                       HAS_RES: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):  # fmt: skip
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, N, K, eps, stride_xm,
+                           stride_wn, stride_wk, stride_sn, FMT, GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_N,
+                           BLOCK_K)  # fmt: skip
+        ok = m_ok[:, None] & (rn < N)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        elif ACT == 2:  # tanh approximation; tanh(z) = 2 sigmoid(2z) - 1
+            z = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            acc = acc * tl.sigmoid(2.0 * z)
+        elif ACT == 3:
+            acc = tl.maximum(acc, 0.0)
+        if HAS_RES:
+            acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _lm_head_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, blocked_ptr, pmax_ptr, psum_ptr, cval_ptr,
+                        cidx_ptr, M, N, K, eps, eos, stride_xm, stride_wn, stride_wk, stride_sn,
+                        FMT: tl.constexpr, GROUP: tl.constexpr, HAS_LN: tl.constexpr, IEEE: tl.constexpr,
+                        TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):  # fmt: skip
+        # One vocabulary tile per program: its softmax partial and its TOPK best (EOS masked where blocked).
+        tile = tl.program_id(0)
+        tiles = tl.num_programs(0)
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, N, K, eps, stride_xm,
+                           stride_wn, stride_wk, stride_sn, FMT, GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_N,
+                           BLOCK_K)  # fmt: skip
+        logit = tl.where((rn < N)[None, :], acc, float("-inf"))
+        mx = tl.max(logit, axis=1)
+        tl.store(pmax_ptr + rm * tiles + tile, mx, mask=m_ok)
+        tl.store(psum_ptr + rm * tiles + tile, tl.sum(tl.exp(logit - mx[:, None]), axis=1), mask=m_ok)
+        blocked = tl.load(blocked_ptr + rm, mask=m_ok, other=0) != 0
+        sel = tl.where(blocked[:, None] & (rn == eos)[None, :], float("-inf"), logit)
+        cols = tl.arange(0, BLOCK_N)
+        for i in tl.static_range(TOPK):
+            best = tl.argmax(sel, axis=1)
+            out = rm * (tiles * TOPK) + tile * TOPK + i
+            tl.store(cval_ptr + out, tl.max(sel, axis=1), mask=m_ok)
+            tl.store(cidx_ptr + out, tile * BLOCK_N + best, mask=m_ok)
+            sel = tl.where(cols[None, :] == best[:, None], float("-inf"), sel)
+
+
+def _block_m(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def _tiles(w: Weights, n: int, elem: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) at one row: the fastest measured on the H100 (`scripts/bench_kernels.py --sweep`)."""
+    if w.fmt == INT4:
+        return 32, min(64, w.group)
+    if w.fmt == INT8:
+        return (16 if n <= 2048 else 32), 512
+    return (16, 512) if n <= 2048 else (32, 256)
+
+
+def _cap_k(bm: int, bn: int, bk: int, elem: int) -> int:
+    """BLOCK_K (a power of two) capped so that one pipeline stage of x and weight tiles fits 72 KiB of
+    shared memory (three stages fit an H100's 227 KiB)."""
+    cap = max(16, 73728 // ((bm + bn) * elem))
+    return min(bk, 1 << (cap.bit_length() - 1))
+
+
+def usable(x: torch.Tensor, w: Weights | None, max_rows: int = MAX_ROWS) -> bool:
+    """Whether the Triton kernels can run this input (else the reference runs)."""
+    rows = x.numel() // x.shape[-1]
+    return ENABLED and w is not None and kernels.triton_ok(x) and 0 < rows <= max_rows
+
+
+def _common(x: torch.Tensor, w: Weights, norm: torch.nn.LayerNorm | None):
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    dummy = x2  # for pointers a kernel variant never reads
+    s = w.scale if w.scale is not None else dummy
+    pre = w.prequant if w.prequant is not None else dummy
+    g, beta = (norm.weight, norm.bias) if norm is not None else (dummy, dummy)
+    eps = norm.eps if norm is not None else 0.0
+    sn = s.stride(0) if s.dim() > 1 else 1
+    return x2, s, pre, g, beta, eps, sn
+
+
+def linear_triton(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | None = None,
+                  norm: torch.nn.LayerNorm | None = None, act: str | None = None,
+                  residual: torch.Tensor | None = None, block_n: int | None = None,
+                  block_k: int | None = None, num_warps: int = 4) -> torch.Tensor:  # fmt: skip
+    """act(LN(x) W^T + bias)[:, :n] + residual in one launch (see the module docstring)."""
+    x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
+    m, k = x2.shape
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    res = residual.reshape(m, n) if residual is not None else y
+    bn, bk = _tiles(w, n, x.element_size())
+    bm, bn = _block_m(m), block_n or bn
+    bk = _cap_k(bm, bn, block_k or bk, x.element_size())
+    wn, wk = w.n_k_strides()
+    _linear_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+        x2, w.weight, s, pre, g, beta, bias if bias is not None else y, res, y, m, n, k, eps, x2.stride(0),
+        wn, wk, sn, res.stride(0), y.stride(0), FMT=w.fmt, GROUP=w.group, HAS_LN=norm is not None,
+        HAS_BIAS=bias is not None, ACT=ACT_CODES[act], HAS_RES=residual is not None,
+        IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps,
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], n)
+
+
+def linear_reference(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | None = None,
+                     norm: torch.nn.LayerNorm | None = None, act: str | None = None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The definition: LayerNorm, dequantize, F.linear, activation, residual add."""
+    if norm is not None:
+        x = norm(x)
+    if w.fmt == INT4:
+        x = x * w.prequant.to(x.dtype)
+    y = F.linear(x, w.dequantized(x.dtype)[:n], None if bias is None else bias[:n])
+    if act is not None:
+        y = ACTIVATIONS[act](y)
+    return y if residual is None else residual + y
+
+
+def linear(x: torch.Tensor, layer, norm: torch.nn.LayerNorm | None = None, act: str | None = None,
+           residual: torch.Tensor | None = None, n: int | None = None) -> torch.Tensor:  # fmt: skip
+    """act(norm(x) W^T + b)[..., :n] + residual for a `Linear` (row-parallel ones all-reduce first).
+
+    One kernel where `usable`; otherwise the layer's own modules, so CPU, prefill and
+    SmoothQuant run exactly the path they always did.
+    """
+    n = n or layer.out_features
+    w = layer.kernel_weights()
+    if not usable(x, w):
+        h = norm(x) if norm is not None else x
+        y = layer(h) if n == layer.out_features else layer.forward_rows(h, n)
+        if act is not None:
+            y = ACTIVATIONS[act](y)
+        return y if residual is None else residual + y
+    if layer.reduce and tp.world_size() > 1:  # the residual and bias are added once, after the sum
+        y = tp.all_reduce(linear_triton(x, w, n, norm=norm))
+        y = y if layer.bias is None else y + layer.bias
+        return y if residual is None else residual + y
+    return linear_triton(x, w, n, layer.bias, norm, act, residual)
+
+
+def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id: int, eos_blocked: torch.Tensor,
+                        norm: torch.nn.LayerNorm | None = None, block_n: int | None = None,
+                        block_k: int | None = None,
+                        num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Top-k log-probabilities and ids [rows, k] of softmax(LN(x) W^T)[:, :vocab], EOS masked where blocked."""
+    x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
+    m, kdim = x2.shape
+    # measured best on the H100 at one row: wide float tiles with 8 warps; 128 x 128 (x 64 for int4)
+    float_tiles = w.fmt == FLOAT
+    block_n = block_n or (256 if float_tiles else 128)
+    bm = _block_m(m)
+    block_k = _cap_k(bm, block_n, block_k or (128 if w.fmt != INT4 else min(64, w.group)), x.element_size())
+    num_warps = num_warps or (8 if float_tiles else 4)
+    tiles = triton.cdiv(vocab, block_n)
+    pmax = torch.empty(m, tiles, dtype=torch.float32, device=x.device)
+    psum = torch.empty_like(pmax)
+    cval = torch.empty(m, tiles * k, dtype=torch.float32, device=x.device)
+    cidx = torch.empty(m, tiles * k, dtype=torch.int32, device=x.device)
+    wn, wk = w.n_k_strides()
+    _lm_head_kernel[(tiles, triton.cdiv(m, bm))](
+        x2, w.weight, s, pre, g, beta, eos_blocked, pmax, psum, cval, cidx, m, vocab, kdim, eps, eos_id,
+        x2.stride(0), wn, wk, sn, FMT=w.fmt, GROUP=w.group, HAS_LN=norm is not None,
+        IEEE=x.dtype == torch.float32, TOPK=k, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )  # fmt: skip
+    top = pmax.max(dim=1, keepdim=True).values
+    lse = top + torch.log((psum * torch.exp(pmax - top)).sum(dim=1, keepdim=True))
+    values, pick = cval.topk(k, dim=1)
+    return values - lse, cidx.gather(1, pick).long()
+
+
+def lm_head_topk_reference(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id: int,
+                           eos_blocked: torch.Tensor,
+                           norm: torch.nn.LayerNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The definition: float32 log-softmax over the vocabulary, EOS masked where blocked, top-k."""
+    logp = torch.log_softmax(linear_reference(x, w, vocab, norm=norm).float(), dim=-1)
+    logp[:, eos_id] = logp[:, eos_id].masked_fill(eos_blocked.bool(), float("-inf"))
+    return torch.topk(logp, k, dim=-1)
