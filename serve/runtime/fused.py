@@ -12,7 +12,7 @@ into its epilogue. Weights stay in the checkpoint's layout and are dequantized i
 | INT8 (W8A16) | int8 [K, N] | per output channel [N] |
 | INT4 (W4A16_AWQ) | int8 [N/2, K], rows 2j / 2j+1 in the low / high nibble | [N, K/group], x scaled by [K] first |
 
-`lm_head_topk` runs the final LayerNorm and the lm_head the same way, but never writes the
+`lm_head_topk_triton` runs the final LayerNorm and the lm_head the same way, but never writes the
 [rows, vocab] logits: each program reduces its vocabulary tile to a softmax partial (max, sum
 of exponentials) and its local top-K, and a small merge gives each row's top-K log-probabilities.
 
@@ -202,7 +202,7 @@ def _block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def _tiles(w: Weights, n: int, elem: int) -> tuple[int, int]:
+def _tiles(w: Weights, n: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K) at one row: the fastest measured on the H100 (`scripts/bench_kernels.py --sweep`)."""
     if w.fmt == INT4:
         return 32, min(64, w.group)
@@ -212,8 +212,8 @@ def _tiles(w: Weights, n: int, elem: int) -> tuple[int, int]:
 
 
 def _cap_k(bm: int, bn: int, bk: int, elem: int) -> int:
-    """BLOCK_K (a power of two) capped so that one pipeline stage of x and weight tiles fits 72 KiB of
-    shared memory (three stages fit an H100's 227 KiB)."""
+    """BLOCK_K (a power of two, so it still divides an int4 group) capped so that one pipeline stage
+    of x and weight tiles fits 72 KiB of shared memory (three stages fit an H100's 227 KiB)."""
     cap = max(16, 73728 // ((bm + bn) * elem))
     return min(bk, 1 << (cap.bit_length() - 1))
 
@@ -246,7 +246,7 @@ def linear_triton(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | None
     m, k = x2.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     res = residual.reshape(m, n) if residual is not None else y
-    bn, bk = _tiles(w, n, x.element_size())
+    bn, bk = _tiles(w, n)
     bm, bn = _block_m(m), block_n or bn
     bk = _cap_k(bm, bn, block_k or bk, x.element_size())
     wn, wk = w.n_k_strides()
