@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from serve.runtime.fused import unpack_int4
 from serve.runtime.layers import Linear
 from serve.runtime.quant import (
     AWQInt4Linear,
@@ -13,7 +14,6 @@ from serve.runtime.quant import (
     WeightOnlyInt8Linear,
     apply_quantization,
     pack_int4,
-    unpack_int4,
 )
 
 

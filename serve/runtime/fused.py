@@ -52,6 +52,18 @@ LM_HEAD_MAX_ROWS = 256
 ENABLED = os.environ.get("MT_FUSED", "1") != "0"
 
 
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """int8 [out/2, in] holding signed int4 pairs -> int8 [out, in] in [-8, 7].
+
+    Byte (j, i) holds output row 2j in its low nibble and row 2j+1 in its high nibble (the
+    ModelOpt / TensorRT-LLM W4A16_AWQ checkpoint convention).
+    """
+    b = packed.view(torch.uint8).to(torch.int16)
+    low, high = b & 0xF, b >> 4
+    both = torch.stack([low, high], dim=1).reshape(2 * packed.shape[0], packed.shape[1])
+    return torch.where(both > 7, both - 16, both).to(torch.int8)
+
+
 @dataclass(frozen=True)
 class Weights:
     """A linear layer's weight as the kernels read it (`Linear.kernel_weights`)."""
@@ -68,10 +80,7 @@ class Weights:
             return self.weight.to(dtype)
         if self.fmt == INT8:
             return self.weight.t().to(dtype) * self.scale.to(dtype)[:, None]
-        b = self.weight.view(torch.uint8).to(torch.int16)
-        q = torch.stack([b & 0xF, b >> 4], dim=1).reshape(2 * self.weight.shape[0], self.weight.shape[1])
-        q = torch.where(q > 7, q - 16, q).to(dtype)
-        return q * self.scale.to(dtype).repeat_interleave(self.group, dim=1)
+        return unpack_int4(self.weight).to(dtype) * self.scale.to(dtype).repeat_interleave(self.group, dim=1)
 
     def n_k_strides(self) -> tuple[int, int]:
         """Strides of output row n and input column k (of packed row n/2 for INT4)."""
@@ -268,6 +277,11 @@ def linear_reference(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | N
     if w.fmt == INT4:
         x = x * w.prequant.to(x.dtype)
     y = F.linear(x, w.dequantized(x.dtype)[:n], None if bias is None else bias[:n])
+    return _finish(y, act, residual)
+
+
+def _finish(y: torch.Tensor, act: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """The reference epilogue: activation, then residual add."""
     if act is not None:
         y = ACTIVATIONS[act](y)
     return y if residual is None else residual + y
@@ -284,14 +298,10 @@ def linear(x: torch.Tensor, layer, norm: torch.nn.LayerNorm | None = None, act: 
     w = layer.kernel_weights()
     if not usable(x, w):
         h = norm(x) if norm is not None else x
-        y = layer(h) if n == layer.out_features else layer.forward_rows(h, n)
-        if act is not None:
-            y = ACTIVATIONS[act](y)
-        return y if residual is None else residual + y
+        return _finish(layer(h) if n == layer.out_features else layer.forward_rows(h, n), act, residual)
     if layer.reduce and tp.world_size() > 1:  # the residual and bias are added once, after the sum
         y = tp.all_reduce(linear_triton(x, w, n, norm=norm))
-        y = y if layer.bias is None else y + layer.bias
-        return y if residual is None else residual + y
+        return _finish(y if layer.bias is None else y + layer.bias, act, residual)
     return linear_triton(x, w, n, layer.bias, norm, act, residual)
 
 
@@ -328,7 +338,13 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
 def lm_head_topk_reference(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id: int,
                            eos_blocked: torch.Tensor,
                            norm: torch.nn.LayerNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The definition: float32 log-softmax over the vocabulary, EOS masked where blocked, top-k."""
-    logp = torch.log_softmax(linear_reference(x, w, vocab, norm=norm).float(), dim=-1)
+    """The definition: `topk_logprobs` of the float32 logits."""
+    return topk_logprobs(linear_reference(x, w, vocab, norm=norm).float(), k, eos_id, eos_blocked)
+
+
+def topk_logprobs(logits: torch.Tensor, k: int, eos_id: int,
+                  eos_blocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Top-k of log_softmax(logits) [rows, k], EOS excluded from the choice (not the norm) where blocked."""
+    logp = torch.log_softmax(logits, dim=-1)
     logp[:, eos_id] = logp[:, eos_id].masked_fill(eos_blocked.bool(), float("-inf"))
     return torch.topk(logp, k, dim=-1)

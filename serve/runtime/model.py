@@ -179,8 +179,15 @@ class Attention(nn.Module):
         return k, v
 
 
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = Linear(cfg.hidden_size, cfg.ffn_size)
+        self.proj = Linear(cfg.ffn_size, cfg.hidden_size, reduce=True)
+
+
 class Block(nn.Module):
-    """What encoder and decoder layers share: sublayers wrapped in LayerNorm and a residual.
+    """What encoder and decoder layers share: the MLP, and sublayers wrapped in LayerNorm and a residual.
 
     Pre-LN (mBART) is x + f(LN(x)): the norm is fused into f's input projection. Post-LN (BART)
     is LN(x + f(x)): the norm follows f's output projection and its residual add.
@@ -190,6 +197,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.pre_ln, self.act = cfg.pre_layernorm, cfg.hidden_act
+        self.mlp = MLP(cfg)
+        self.mlp_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
     def project_in(self, x: torch.Tensor, norm: LayerNorm, layer: Linear, **kw) -> torch.Tensor:
         return fused.linear(x, layer, norm=norm if self.pre_ln else None, **kw)
@@ -203,20 +212,11 @@ class Block(nn.Module):
         return self.project_out(h, self.mlp_layernorm, self.mlp.proj, x)
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.fc = Linear(cfg.hidden_size, cfg.ffn_size)
-        self.proj = Linear(cfg.ffn_size, cfg.hidden_size, reduce=True)
-
-
 class EncoderLayer(Block):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.attention = Attention(cfg)
         self.attention_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg)
-        self.mlp_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         att, norm = self.attention, self.attention_layernorm
@@ -232,8 +232,6 @@ class DecoderLayer(Block):
         self.self_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
         self.cross_attention = Attention(cfg)
         self.cross_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg)
-        self.mlp_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(
         self, x: torch.Tensor, b: DecoderBatch, kv: tuple[torch.Tensor, torch.Tensor]
@@ -321,9 +319,7 @@ class Decoder(nn.Module):
             norm = self.transformer.ln_f if self.cfg.has_final_layernorm else None
             return fused.lm_head_topk_triton(x, w, self.cfg.vocab_size, k, eos_id, eos_blocked, norm)
         logits = gather_vocab(self.lm_head(self.transformer.ln_f(x)).float())[:, : self.cfg.vocab_size]
-        logp = torch.log_softmax(logits, dim=-1)
-        logp[:, eos_id] = logp[:, eos_id].masked_fill(eos_blocked.bool(), float("-inf"))
-        return torch.topk(logp, k, dim=-1)
+        return fused.topk_logprobs(logits, k, eos_id, eos_blocked)
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:

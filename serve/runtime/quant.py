@@ -45,20 +45,8 @@ TRTLLM_DEFAULT_EXCLUDE = [
 ]
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """int8 [out/2, in] holding signed int4 pairs -> int8 [out, in] in [-8, 7].
-
-    Byte (j, i) holds output row 2j in its low nibble and row 2j+1 in its high nibble (the
-    ModelOpt / TensorRT-LLM W4A16_AWQ checkpoint convention).
-    """
-    b = packed.view(torch.uint8).to(torch.int16)
-    low, high = b & 0xF, b >> 4
-    both = torch.stack([low, high], dim=1).reshape(2 * packed.shape[0], packed.shape[1])
-    return torch.where(both > 7, both - 16, both).to(torch.int8)
-
-
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
-    """Inverse of `unpack_int4`: int [out, in] in [-8, 7] (out even) -> int8 [out/2, in]."""
+    """Inverse of `serve.runtime.fused.unpack_int4`: int [out, in] in [-8, 7] (out even) -> int8 [out/2, in]."""
     if values.shape[0] % 2:
         raise ValueError(f"cannot pack {values.shape[0]} output rows two per byte")
     v = values.to(torch.int16) & 0xF
@@ -83,7 +71,7 @@ class QuantLinear(Linear):
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The float [out, in] weight this layer multiplies by (after any input scaling)."""
-        raise NotImplementedError
+        return self.kernel_weights().dequantized(dtype)
 
 
 class WeightOnlyInt8Linear(QuantLinear):
@@ -98,9 +86,6 @@ class WeightOnlyInt8Linear(QuantLinear):
             "weight", torch.empty(in_features, out_features, dtype=torch.int8, device=device)
         )
         self.register_buffer("per_channel_scale", torch.empty(out_features, device=device))
-
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight.t().to(dtype) * self.per_channel_scale.to(dtype)[:, None]
 
     def kernel_weights(self) -> Weights:
         return Weights(INT8, self.weight, self.per_channel_scale)
@@ -141,10 +126,6 @@ class AWQInt4Linear(QuantLinear):
         device = linear.bias.device if linear.bias is not None else linear.weight.device
         return cls(linear.in_features, linear.out_features, linear.bias is not None, linear.reduce, device,
                    group_size=int(quantization.get("group_size") or 128))  # fmt: skip
-
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        scales = self.weights_scaling_factor.to(dtype).repeat_interleave(self.group_size, dim=1)
-        return unpack_int4(self.weight).to(dtype) * scales
 
     def kernel_weights(self) -> Weights:
         pre = self.prequant_scaling_factor.reshape(-1)
