@@ -17,7 +17,7 @@ EVAL_OUT ?= out/eval/$(if $(CKPT),$(notdir $(CKPT)),server)
 BASELINE ?= mbart50-fp16-ntrex
 ENGINE ?= $(CKPT)-engine
 
-.PHONY: help install test lint format serve convert calibrate eval regress engine loadtest bench
+.PHONY: help install test lint format serve convert calibrate shortlist eval regress engine loadtest bench
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -56,6 +56,9 @@ eval: $(STAMP)  ## CKPT=<converted dir> | URL=<server> [EVAL_PAIRS=..] [LIMIT=N]
 
 regress: $(STAMP)  ## gate EVAL_OUT against eval/baselines/$(BASELINE).json [UPDATE=1 to move it]
 	$(PYTHON) -m eval regress --baseline $(BASELINE) --run $(EVAL_OUT) $(if $(UPDATE),--update)
+
+shortlist: $(STAMP)  ## CKPT=<converted ckpt> [SHORTLIST_LANGS=en,zh,ar,ru]: per-language output vocabularies + report
+	$(PYTHON) -m calib.shortlist --checkpoint $(CKPT) $(if $(SHORTLIST_LANGS),--langs $(SHORTLIST_LANGS)) $(SHORTLIST_ARGS)
 
 engine: $(STAMP)  ## CKPT=<converted ckpt> ENGINE=<engine dir> [BUILD_ARGS="--dry-run"]: trtllm-build both components
 	$(PYTHON) -m convert.build --checkpoint $(CKPT) --output $(ENGINE) $(BUILD_ARGS)

@@ -34,6 +34,7 @@ from convert.__main__ import convert_checkpoint  # noqa: E402
 from convert.tiny import LARGE_DIMS, build_tiny_mbart  # noqa: E402
 from eval.data import read_lines, test_pair_paths  # noqa: E402
 from serve.engine.request import GenerationRequest, SamplingParams  # noqa: E402
+from serve.runtime import shortlist  # noqa: E402
 from serve.runtime.kv_cache import KVPool  # noqa: E402
 from serve.runtime.model import MASKED_SDPA_BACKENDS  # noqa: E402
 from serve.runtime.translator import Translator  # noqa: E402
@@ -67,8 +68,9 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * a.numel() * 10 / (time.perf_counter() - t)
 
 
-def decoder_step_bytes(decoder: torch.nn.Module) -> int:
-    """Weight bytes one decode step must read: everything but embedding tables and cross K/V weights."""
+def decoder_step_bytes(decoder: torch.nn.Module, lm_head_share: float = 1.0) -> int:
+    """Weight bytes one decode step must read: everything but embedding tables and cross K/V weights,
+    and of the lm_head only the share of rows a shortlist lets it read."""
     total = 0
     for name, t in list(decoder.named_parameters()) + list(decoder.named_buffers()):
         if "embedding" in name:
@@ -76,8 +78,19 @@ def decoder_step_bytes(decoder: torch.nn.Module) -> int:
         n = t.numel() * t.element_size()
         if "cross_attention.qkv" in name:
             n = n // 3  # only the Q third is needed per step; K/V of the source are cached
+        if name.startswith("lm_head"):
+            n = int(n * lm_head_share)
         total += n
     return total
+
+
+def synthetic_shortlist(ckpt: Path, vocab: int, size: int, seed: int = 0) -> None:
+    """Random per-language lists of `size` tokens (random weights have no language to build them from):
+    the lm_head reads the same number of scattered rows a real list of that size makes it read."""
+    g = torch.Generator().manual_seed(seed)
+    eos = json.loads((ckpt / "languages.json").read_text())["eos_token_id"]
+    lists = {lang: torch.randperm(vocab, generator=g)[:size].tolist() + [eos] for lang in [*LANGS, "en"]}
+    shortlist.write(ckpt, lists, vocab, {"source": f"synthetic, {size} random tokens per language"})
 
 
 def workload(tok, n: int) -> list[tuple[list[int], list[int]]]:
@@ -100,7 +113,7 @@ def run_engine(tr: Translator, items, concurrency: int, new_tokens: int) -> dict
     while pending or engine.has_work():
         while pending and len(engine.running) + len(engine.waiting) < concurrency:
             i, (enc, prefix) = pending.pop(0)
-            req = GenerationRequest(f"b{i}", enc, prefix, params)
+            req = GenerationRequest(f"b{i}", enc, prefix, params, target_lang="en")
             arrival[req.request_id] = req.arrival_time
             engine.add(req)
         out = engine.step()
@@ -117,7 +130,9 @@ def run_engine(tr: Translator, items, concurrency: int, new_tokens: int) -> dict
 def step_time_batch1(tr: Translator, item, new_tokens: int) -> float:
     engine, device = tr.engine, tr.device
     engine.add(
-        GenerationRequest("s", *item, SamplingParams(min_new_tokens=new_tokens, max_new_tokens=new_tokens))
+        GenerationRequest(
+            "s", *item, SamplingParams(min_new_tokens=new_tokens, max_new_tokens=new_tokens), "en"
+        )
     )
     engine.step()  # encoder + prefix
     times = []
@@ -204,8 +219,11 @@ def main() -> None:
         "--variants",
         default="float16,bfloat16,int8_wo=rtn,int4_awq=rtn,int8_wo+lm_head=rtn,int4_awq+lm_head=rtn",
         help="runtime contenders: a dtype (converted here), NAME=CKPT_DIR, or int8_wo|int4_awq[+lm_head]=rtn "
-        "(round-to-nearest from the fp16 checkpoint); a dtype may add +compile",
+        "(round-to-nearest from the fp16 checkpoint); a dtype may add +compile; any may add +shortlist "
+        "(serve synthetic per-language output vocabularies of --shortlist-size tokens)",
     )
+    ap.add_argument("--shortlist-size", type=int, default=32000,
+                    help="tokens per language of +shortlist contenders (the full vocabulary is 250054)")  # fmt: skip
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate contender")
     args = ap.parse_args()
     if args.smoke:
@@ -229,7 +247,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         try:
             name, _, path = variant.partition("=")
-            name, _, flag = name.partition("+")
+            name, *flags = name.split("+")
             ckpt = (
                 Path(path) if path not in ("", "rtn") else work / variant.replace("=", "-").replace("+", "-")
             )
@@ -241,15 +259,19 @@ def main() -> None:
                 src = work / "float16-src"
                 if not src.exists():
                     convert_checkpoint(str(hf_dir), src, 1, "float16", progress=False)
-                quantize_checkpoint_rtn(src, ckpt, name, lm_head=flag == "lm_head")
+                quantize_checkpoint_rtn(src, ckpt, name, lm_head="lm_head" in flags)
             dtype = None if args.smoke else (torch.float16 if path else getattr(torch, name))
-            tr = Translator.load(
-                ckpt, device=device, dtype=dtype, max_batch_size=max(levels), compile=flag == "compile"
-            )
+            vocab = json.loads((ckpt / "decoder" / "config.json").read_text())["vocab_size"]
+            size = min(args.shortlist_size, vocab // 4)
+            if "shortlist" in flags:
+                synthetic_shortlist(ckpt, vocab, size)
+            tr = Translator.load(ckpt, device=device, dtype=dtype, max_batch_size=max(levels),
+                                 compile="compile" in flags, shortlist="shortlist" in flags)  # fmt: skip
             tr.engine.runner.capture_graphs()
             items = workload(tr.tokenizer, n_items)
             step = step_time_batch1(tr, items[0], args.new_tokens)
-            step_bytes = decoder_step_bytes(tr.decoder)
+            share = (size + len(items[0][0])) / vocab if "shortlist" in flags else 1.0
+            step_bytes = decoder_step_bytes(tr.decoder, share)
             c = {"step_ms_batch1": step * 1e3, "graph_ms_batch1": graph_replay_ms(tr), "weight_bytes_per_step": step_bytes,
                  "floor_ms": step_bytes / bandwidth * 1e3, "levels": {}}  # fmt: skip
             for level in levels:

@@ -38,8 +38,8 @@ def weights(fmt: str, n: int, k: int) -> fused.Weights:
     dev = "cuda"
     if fmt == "fp16":
         return fused.Weights(fused.FLOAT, torch.randn(n, k, device=dev, dtype=torch.float16) / 32)
-    if fmt == "int8":
-        w = torch.randint(-127, 128, (k, n), device=dev, dtype=torch.int8)
+    if fmt == "int8":  # [K, N] stored K-contiguous, as the runtime lays it out at load
+        w = torch.randint(-127, 128, (k, n), device=dev, dtype=torch.int8).t().contiguous().t()
         return fused.Weights(fused.INT8, w, torch.rand(n, device=dev, dtype=torch.float16) / 500)
     q = pack_int4(torch.randint(-8, 8, (n, k), device=dev))
     s = torch.rand(n, k // 128, device=dev, dtype=torch.float16) / 50
@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/kernels"))
     ap.add_argument("--rows", default="1,16,64")
     ap.add_argument("--sweep", action="store_true", help="also try other tile shapes at 1 row")
+    ap.add_argument("--formats", default="fp16,int8,int4", help="weight formats to time")
+    ap.add_argument("--shortlist", type=int, default=32000, help="tokens of the shortlisted lm_head case")
     args = ap.parse_args()
     results = []
     norm = torch.nn.LayerNorm(HIDDEN, device="cuda", dtype=torch.float16)
@@ -101,17 +103,15 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             bias = torch.randn(n, device="cuda", dtype=torch.float16) if has_bias else None
             res = torch.randn(m, n, device="cuda", dtype=torch.float16) if has_res else None
-            for fmt in ("fp16", "int8", "int4"):
+            for fmt in args.formats.split(","):
                 copies = [
                     weights(fmt, n, k) for _ in range(max(2, 2 * L2_BYTES // nbytes(weights(fmt, n, k))))
                 ]
                 kw = dict(bias=bias, norm=lnorm if ln else None, act=act, residual=res)
                 configs = [(None, None, 4)]
                 if args.sweep and m == 1:
-                    configs += list(itertools.product((16, 32), (64, 128, 256, 512), (4, 8)))
+                    configs += list(itertools.product((16, 32), (128, 256, 512, 1024), (4, 8)))
                 for bn, bk, warps in configs:
-                    if fmt == "int4" and bk not in (None, 64, 128):
-                        continue
                     calls = [partial(fused.linear_triton, x, w, n, block_n=bn, block_k=bk, num_warps=warps, **kw)
                              for w in copies]  # fmt: skip
                     us = try_graph_us(calls)
@@ -125,19 +125,20 @@ def main() -> None:
                     r.setdefault("GBps", nbytes(copies[0]) / r["us"] / 1e3)
         blocked = torch.zeros(m, dtype=torch.long, device="cuda")
         x = torch.randn(m, HIDDEN, device="cuda", dtype=torch.float16)
-        for fmt in ("fp16", "int8", "int4"):
+        allowed = torch.zeros(m + 1, VOCAB, dtype=torch.uint8, device="cuda")
+        allowed[:m, torch.randperm(VOCAB, device="cuda")[: args.shortlist]] = 1
+        short = fused.Shortlist.of(allowed, torch.arange(m, device="cuda"))
+        for fmt in args.formats.split(","):
             w = weights(fmt, VOCAB, HIDDEN)
-            configs = [(128, None, 4)]
+            configs = [(None, None, None)]
             if args.sweep and m == 1:
                 configs += list(itertools.product((64, 128, 256), (128, 256), (4, 8)))
-            for bn, bk, warps in configs:
-                if fmt == "int4" and bk not in (None, 64, 128):
-                    continue
-                us = try_graph_us(
-                    [partial(fused.lm_head_topk_triton, x, w, VOCAB, 8, 2, blocked, norm, bn, bk, warps)]
-                )
+            for (bn, bk, warps), sl in itertools.product(configs, (None, short)):
+                us = try_graph_us([partial(fused.lm_head_topk_triton, x, w, VOCAB, 8, 2, blocked, norm, sl,
+                                           block_n=bn, block_k=bk, num_warps=warps)])  # fmt: skip
+                name = "lm_head+topk" if sl is None else f"lm_head+topk, shortlist {args.shortlist}"
                 if us is not None:
-                    results.append({"rows": m, "shape": "lm_head+topk", "fmt": fmt, "us": us,
+                    results.append({"rows": m, "shape": name, "fmt": fmt, "us": us,
                                 "impl": f"fused bn={bn} bk={bk} warps={warps}", "GBps": nbytes(w) / us / 1e3})  # fmt: skip
             if fmt == "fp16":
                 us = graph_us([partial(fused.lm_head_topk_reference, x, w, VOCAB, 8, 2, blocked, norm)])

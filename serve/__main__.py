@@ -60,6 +60,8 @@ def model_plan(settings: Settings) -> ModelPlan:
     """The checkpoint to serve; with TensorRT-LLM the engine dir carries tokenizer and languages."""
     if choose_backend(settings) == "trtllm":
         assert settings.engine_dir is not None
+        if settings.shortlist:
+            raise ConfigError("--shortlist is served by the PyTorch backend only")
         return ModelPlan(settings.model, settings.engine_dir.expanduser().resolve())
     return plan(settings.model, settings.cache_dir, settings.resolved_dtype(), settings.tp_size)
 

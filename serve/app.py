@@ -123,7 +123,7 @@ def build_backend(settings: Settings, ckpt_dir: Path) -> Backend:
     return PytorchBackend(
         ckpt_dir, device=settings.resolved_device(), dtype=settings.resolved_dtype(), tp_size=settings.tp_size,
         kv_block_size=settings.kv_block_size, static_batching=settings.static_batching,
-        cpu_threads=settings.cpu_threads, **limits,
+        cpu_threads=settings.cpu_threads, shortlist=settings.shortlist, **limits,
     )  # fmt: skip
 
 
@@ -389,7 +389,7 @@ class Service:
                 )
                 requests.append(GenerationRequest(
                     request_id=uuid.uuid4().hex, encoder_ids=self.tokenizer.encoder_ids(ids, item.src),
-                    decoder_prefix=prefix, params=params,
+                    decoder_prefix=prefix, params=params, target_lang=tgt.code,
                 ))  # fmt: skip
         results = await self._generate_all(requests)
         self.metrics.segments.inc(len(requests))

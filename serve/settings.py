@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     static_batching: bool = Field(
         False, description="baseline for benchmarks: batches run to completion, no joining (PyTorch only)"
     )
+    shortlist: bool = Field(
+        False,
+        description="let each request emit only its target language's tokens and its source's "
+        "(shortlist.safetensors from `python -m calib.shortlist`): a faster lm_head, but outputs may "
+        "differ from the full vocabulary's (its report measures by how much); PyTorch backend only",
+    )
     max_queue: int = Field(1024, ge=1, description="waiting sequences before the engine answers 429")
     max_texts_per_request: int = Field(128, ge=1, description="most texts in one /translate request")
     max_tokens_per_text: int = Field(4096, ge=1, description="most source tokens in one text (else 413)")

@@ -69,3 +69,17 @@ def kernel_device(monkeypatch) -> str:
         return "cuda"
     monkeypatch.setattr(kernels, "CPU_INTERPRETER", True)
     return "cpu"
+
+
+@pytest.fixture(scope="session")
+def shortlisted_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
+    """A copy of the tiny checkpoint with output-vocabulary shortlists for en, zh and ar (built by the CLI)."""
+    import shutil
+
+    from calib import shortlist
+
+    ckpt = tmp_path_factory.mktemp("shortlist") / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    argv = ["--checkpoint", str(ckpt), "--langs", "en,zh,ar", "--agreement-samples", "3", "--device", "cpu"]
+    assert shortlist.main([*argv, "--quiet"]) == 0
+    return ckpt

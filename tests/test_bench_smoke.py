@@ -16,11 +16,11 @@ def run(args: list[str]) -> None:
 
 
 def test_bench_smoke_writes_table_json_and_plot(tmp_path):
-    run(["scripts/bench.py", "--smoke", "--variants", "float32,int8_wo=rtn", "--out", str(tmp_path)])
+    run(["scripts/bench.py", "--smoke", "--variants", "float32,int8_wo=rtn,float32+shortlist", "--out",
+         str(tmp_path)])  # fmt: skip
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert set(report["contenders"]) == {
-        "runtime float32", "runtime int8_wo", "HF generate fp16", "HF generate fp16, no cuDNN SDPA"
-    }  # fmt: skip
+    runtime = {"runtime float32", "runtime int8_wo", "runtime float32+shortlist"}
+    assert set(report["contenders"]) == runtime | {"HF generate fp16", "HF generate fp16, no cuDNN SDPA"}
     for name, c in report["contenders"].items():
         assert "error" not in c, name
         assert all(level["tokens_per_s"] > 0 for level in c["levels"].values())
@@ -28,6 +28,8 @@ def test_bench_smoke_writes_table_json_and_plot(tmp_path):
         report["contenders"]["runtime int8_wo"]["weight_bytes"]
         < report["contenders"]["runtime float32"]["weight_bytes"]
     )
+    bytes_per_step = {n: report["contenders"][n]["weight_bytes_per_step"] for n in runtime}
+    assert bytes_per_step["runtime float32+shortlist"] < bytes_per_step["runtime float32"]
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 

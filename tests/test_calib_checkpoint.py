@@ -251,6 +251,7 @@ def _dequantized_hf(model, tr):
 
 
 def test_int8_greedy_output_agrees_with_full_precision(calibrated, hf, setup, tmp_path):
+    from serve.runtime.quant import WeightOnlyInt8Linear
     from serve.runtime.translator import Translator
 
     loader, _, tok = hf
@@ -258,10 +259,14 @@ def test_int8_greedy_output_agrees_with_full_precision(calibrated, hf, setup, tm
     write_checkpoint(tmp_path / "q", comps, 1, loader, tok, {})
     write_checkpoint(tmp_path / "f", setup[1], 1, loader, tok, {})
     texts = real_sentences("zh", 12)
-    outs = [
-        Translator.load(tmp_path / d, device="cpu").translate(texts, "zh", "en", max_new_tokens=8)
-        for d in "qf"
-    ]
+    translators = [Translator.load(tmp_path / d, device="cpu") for d in "qf"]
+    outs = [tr.translate(texts, "zh", "en", max_new_tokens=8) for tr in translators]
+    linear = next(m for m in translators[0].decoder.modules() if isinstance(m, WeightOnlyInt8Linear))
+    assert linear.weight.shape == (linear.in_features, linear.out_features)  # the checkpoint's [in, out] ...
+    assert linear.weight.stride() == (
+        1,
+        linear.in_features,
+    )  # ... stored in-contiguous for the decode kernels
     assert len(set(outs[1])) > 6, "the float model should not produce the same output for every sentence"
     agree = sum(a == b for a, b in zip(*outs, strict=True))
     assert agree >= 9, f"int8 weight-only agrees with float on only {agree}/12 sentences"

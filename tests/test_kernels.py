@@ -69,7 +69,7 @@ def test_triton_write_kv_matches_reference(dtype, kernel_device):
 
 
 @cuda
-def test_cuda_graph_decode_matches_eager(tiny_ckpt):
+def test_cuda_graph_decode_matches_eager(tiny_ckpt, shortlisted_ckpt):
     from serve.engine.request import SamplingParams
     from serve.runtime.translator import Translator
     from tests.conftest import real_sentences
@@ -82,6 +82,11 @@ def test_cuda_graph_decode_matches_eager(tiny_ckpt):
     for beam in (1, 4):
         params = SamplingParams(beam_size=beam, max_new_tokens=20)
         assert graphed.generate_ids(enc, prefix, params) == eager.generate_ids(enc, prefix, params)
+    short = [Translator.load(shortlisted_ckpt, device="cuda", cuda_graphs=g, shortlist=True) for g in (0, 1)]
+    params = SamplingParams(beam_size=2, max_new_tokens=20)
+    assert short[0].generate_ids(enc, prefix, params, "en") == short[1].generate_ids(
+        enc, prefix, params, "en"
+    )
     runner = graphed.engine.runner
     runner.capture_graphs()  # what the server does at start-up
     assert set(runner.graphs) == set(runner.buckets)
@@ -96,8 +101,9 @@ def random_weights(fmt: str, n: int, k: int, device: str, dtype: torch.dtype, se
     g = torch.Generator().manual_seed(seed)
     if fmt == "float":
         return fused.Weights(fused.FLOAT, (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype))
-    if fmt == "int8":
+    if fmt.startswith("int8"):  # the runtime's K-contiguous layout, or the checkpoint's row-major [K, N]
         w = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
+        w = w.t().contiguous().t() if fmt == "int8" else w
         return fused.Weights(
             fused.INT8, w.to(device), (torch.rand(n, generator=g) / 100 / k**0.5).to(device, dtype)
         )
@@ -130,7 +136,7 @@ def kernel_cases(device: str):
     return [(torch.float32, [(1, 96, 256), (20, 64, 384)], 1e-5)]
 
 
-@pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["float", "int8", "int8_kn", "int4"])
 def test_fused_linear_matches_reference(fmt, kernel_device):
     """Every epilogue and prologue the decoder uses, every weight format, one and several row blocks
     (against float32 math: the kernel accumulates in float32 and rounds once)."""
@@ -189,23 +195,81 @@ def test_lm_head_topk_matches_log_softmax_topk(fmt, kernel_device):
         assert torch.equal(got_i, ref_i)
 
 
-def test_decode_with_kernels_matches_reference_path(tiny_ckpt, kernel_device):
-    """Greedy and beam search token-identical with and without the fused kernels (tiny model)."""
+def random_shortlist(vocab: int, device: str, eos: int = 3, seed: int = 3) -> torch.Tensor:
+    """uint8 [4, vocab] allow bits: two random subsets (with EOS), the whole vocabulary, and nothing."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.zeros(4, vocab, dtype=torch.uint8)
+    allowed[0] = torch.rand(vocab, generator=g) < 0.1
+    allowed[1] = torch.rand(vocab, generator=g) < 0.05
+    allowed[:2, eos] = 1
+    allowed[2] = 1
+    return allowed.to(device)
+
+
+def test_shortlist_is_each_rows_subset():
+    """`Shortlist.of` lists exactly the union of the rows' tokens, and the reference's log-probs are a
+    softmax over each row's own subset."""
+    from serve.runtime import fused
+
+    allowed = random_shortlist(300, "cpu")
+    rows = torch.tensor([0, 1, 0, 3])
+    sl = fused.Shortlist.of(allowed, rows)
+    union = torch.nonzero(allowed[[0, 1]].amax(0)).flatten()
+    assert sl.count.item() == len(union) and torch.equal(sl.ids[: len(union)].long(), union)
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
+    values, ids = fused.topk_logprobs(logits, 3, 3, torch.zeros(4), sl.mask(300))
+    for i in range(3):
+        own = torch.nonzero(allowed[rows[i]]).flatten()
+        v, j = torch.log_softmax(logits[i, own], -1).topk(3)
+        assert torch.allclose(values[i], v) and torch.equal(ids[i], own[j])
+
+
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
+@pytest.mark.parametrize("rows", [[0, 1, 0, 1, 0], [1, 2, 0, 1, 3]], ids=["subset", "whole-vocab"])
+def test_lm_head_topk_over_shortlist(fmt, rows, kernel_device):
+    """Only the union of the rows' tokens is read (tiles past it write empty partials); each row's
+    top-K and its normalization cover its own tokens."""
+    from serve.runtime import fused
+
+    m, vocab, k = (5, 250054, 1024) if kernel_device == "cuda" else (5, 300, 128)
+    dtype = torch.float16 if kernel_device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(4)
+    w = random_weights(fmt, vocab + 2, k, kernel_device, dtype)
+    x = (4 * torch.randn(m, k, generator=g)).to(kernel_device, dtype)
+    blocked = torch.tensor([0, 1, 0, 1, 1], device=kernel_device)
+    sl = fused.Shortlist.of(random_shortlist(vocab, kernel_device), torch.tensor(rows, device=kernel_device))
+    live = torch.tensor(rows, device=kernel_device) != 3  # the empty row has no distribution
+    x32, w32, _ = as_float32(x, w, {})
+    ref_v, ref_i = fused.lm_head_topk_reference(x32, w32, vocab, 8, 3, blocked, shortlist=sl)
+    got_v, got_i = fused.lm_head_topk_triton(
+        x, w, vocab, 8, 3, blocked, shortlist=sl, block_n=None if dtype != torch.float32 else 32
+    )
+    assert sl.mask(vocab)[live].gather(1, got_i[live]).all()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert (got_v[live] - ref_v[live]).abs().max().item() < tol
+    if dtype == torch.float32:
+        assert torch.equal(got_i[live], ref_i[live])
+
+
+@pytest.mark.parametrize("shortlist", [False, True], ids=["vocab", "shortlist"])
+def test_decode_with_kernels_matches_reference_path(shortlisted_ckpt, kernel_device, shortlist):
+    """Greedy and beam search token-identical with and without the fused kernels (tiny model), over the
+    whole vocabulary and over the target language's shortlist."""
     from serve.engine.request import SamplingParams
     from serve.runtime import fused
     from serve.runtime.translator import Translator
     from tests.conftest import real_sentences
 
-    tr = Translator.load(tiny_ckpt, device=kernel_device, cuda_graphs=False)
+    tr = Translator.load(shortlisted_ckpt, device=kernel_device, shortlist=shortlist, cuda_graphs=False)
     tok = tr.tokenizer
     enc = tok.encode(real_sentences("ar", 2), tok.language("ar"))
     prefix = [tok.decoder_prefix(tok.language("en"))] * len(enc)
     for beam in (1, 2):
         params = SamplingParams(beam_size=beam, max_new_tokens=6)
-        with_kernels = tr.generate_ids(enc, prefix, params)
+        with_kernels = tr.generate_ids(enc, prefix, params, "en")
         fused.ENABLED = False
         try:
-            without = tr.generate_ids(enc, prefix, params)
+            without = tr.generate_ids(enc, prefix, params, "en")
         finally:
             fused.ENABLED = True
         assert with_kernels == without

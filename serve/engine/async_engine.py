@@ -30,6 +30,7 @@ from serve.engine.request import GenerationRequest, GenerationResult
 from serve.runtime import tp
 from serve.runtime.kv_cache import KVPool
 from serve.runtime.load import load_model
+from serve.runtime.shortlist import VocabShortlist
 
 log = logging.getLogger(__name__)
 IDLE_TICK_S = 0.5  # how often an idle loop wakes (TP ranks exchange a heartbeat)
@@ -47,6 +48,7 @@ class BackendSettings:
     max_queue: int = 256
     static_batching: bool = False
     trace_steps: int = 0
+    shortlist: bool = False  # serve the checkpoint's output-vocabulary shortlists
     cpu_threads: int | None = None  # None: all cores but one (OpenMP threads that spin on a busy core stall)
 
 
@@ -68,7 +70,8 @@ def build_engine(ckpt_dir: Path, s: BackendSettings, eos_id: int, device: torch.
             cfg, min(encoder.cfg.max_position_embeddings, d.max_position_embeddings)
         )
         cfg.num_kv_blocks = max(1, min(budget, useful))
-    engine = Engine(encoder, decoder, cfg, eos_id=eos_id, device=device)
+    shortlist = VocabShortlist.load(ckpt_dir, decoder.cfg.vocab_size, device) if s.shortlist else None
+    engine = Engine(encoder, decoder, cfg, eos_id=eos_id, device=device, shortlist=shortlist)
     engine.runner.capture_graphs()  # every rank, in the same order: graphs hold the TP collectives
     return engine
 

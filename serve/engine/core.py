@@ -1,11 +1,15 @@
 """The iteration-level engine: in-flight batching over a paged KV pool, one `step()` at a time.
 
 Each step (1) admits waiting requests while their KV blocks can be reserved and the step's
-token budget (`max_num_tokens`) and row budget (`max_batch_size`) allow, (2) runs the encoder
-once over the packed, unpadded sources of the newly admitted requests and writes their
-cross-attention K/V into the pool, (3) runs one decoder step for every running beam (new
-requests feed their forced prefix, the others their last token), and (4) advances each
-request's search, freeing the blocks of requests that finished.
+token budget (`max_num_tokens`) and row budget (`max_batch_size`) allow, (2) launches one
+decoder step for every beam admitted before (requests new to decoding feed their forced prefix,
+the others their last token), (3) while the device runs it, launches the encoder once over the
+packed, unpadded sources of the newly admitted requests and their cross-attention K/V writes
+(their decoding starts next step), and (4) advances each request's search with the step's
+top-K, freeing the blocks of requests that finished.
+
+With a `VocabShortlist`, each request may emit only its target language's tokens and its
+source's (`serve.runtime.shortlist`); requests in languages without a list use the whole vocabulary.
 
 Capacity policy is TRT-LLM's GUARANTEED_NO_EVICT: a request is admitted only when all blocks
 it can ever need (source, prefix + max_new_tokens per beam) are reserved, so nothing is ever
@@ -27,6 +31,7 @@ from serve.engine.search import Hypotheses
 from serve.runtime.decode_step import DecodeRunner
 from serve.runtime.kv_cache import KVPool
 from serve.runtime.model import Decoder, Encoder, EncoderBatch
+from serve.runtime.shortlist import VocabShortlist
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,19 @@ class _Running:
 
 
 @dataclass
+class _Launched:
+    """A decoder step running on the device: its top-K per query row, and the rows each beam reads."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+    last: list[int]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for the step; (log-probs, ids) [beams, K] on the CPU."""
+        return self.values.cpu()[self.last], self.ids.cpu()[self.last]
+
+
+@dataclass
 class StepRecord:
     step: int
     admitted: list[str]
@@ -79,8 +97,10 @@ class Engine:
         config: EngineConfig,
         eos_id: int,
         device: torch.device | str = "cpu",
+        shortlist: VocabShortlist | None = None,
     ):
         self.encoder, self.decoder, self.config = encoder, decoder, config
+        self.shortlist = shortlist
         self.eos_id, self.device = eos_id, torch.device(device)
         dcfg = decoder.cfg
         self.max_positions = min(encoder.cfg.max_position_embeddings, dcfg.max_position_embeddings)
@@ -99,7 +119,7 @@ class Engine:
             num_rows=config.max_batch_size + 1,  # one per running beam, plus one for `score`
             table_width=self.pool.blocks_for(self.max_positions), max_rows=2 * config.max_batch_size,
             use_graphs=config.cuda_graphs and self.device.type == "cuda",
-            compile=config.compile,
+            compile=config.compile, shortlist=shortlist is not None,
         )  # fmt: skip
         self.waiting: OrderedDict[str, GenerationRequest] = OrderedDict()
         self.running: OrderedDict[str, _Running] = OrderedDict()
@@ -171,7 +191,8 @@ class Engine:
             cross_blocks=alloc.allocate(self.pool.blocks_for(n_src)),
             beam_blocks=[alloc.allocate(self.pool.blocks_for(self_tokens)) for _ in range(beams)],
         )
-        run.rows = [self.runner.open_row(b, run.cross_blocks, n_src) for b in run.beam_blocks]
+        allowed = self.shortlist.allowed(req.target_lang, req.encoder_ids) if self.shortlist else None
+        run.rows = [self.runner.open_row(b, run.cross_blocks, n_src, allowed) for b in run.beam_blocks]
         return run
 
     def _free(self, run: _Running) -> None:
@@ -186,11 +207,13 @@ class Engine:
     def step(self) -> StepOutput:
         out = StepOutput()
         admitted = self._admit()
-        if admitted:
+        runs = list(self.running.values())[: len(self.running) - len(admitted)]  # admitted ones come last
+        decoded = [run.req.request_id for run in runs]
+        launched = self._launch(runs) if runs else None
+        if admitted:  # the encoder is launched while the device runs the decode step; it decodes next step
             self._encode(admitted, out)
-        decoded = list(self.running)
-        if self.running:
-            self._decode(out)
+        if runs:
+            self._decode(runs, launched, out)
         self.steps += 1
         if self.config.trace_steps:
             finished = [r.request_id for r in out.results] + [rid for rid, _ in out.failures]
@@ -250,14 +273,22 @@ class Engine:
         for layer, (k, v) in enumerate(self.decoder.cross_kv(enc_out)):
             self.pool.write(layer, slots, k, v)
 
-    def _decode(self, out: StepOutput) -> None:
-        runs = list(self.running.values())
+    def _launch(self, runs: list[_Running]) -> _Launched | Exception:
+        """Start one decoder step of `runs` on the device; an error is raised by `_decode`, later."""
         try:
-            values, ids = self._decode_batch(runs)
+            return self._decode_batch(runs)
+        except Exception as err:
+            return err
+
+    def _decode(self, runs: list[_Running], launched: _Launched | Exception, out: StepOutput) -> None:
+        try:
+            if isinstance(launched, Exception):
+                raise launched
+            values, ids = launched.result()
         except Exception:  # isolate the failing request(s); K/V rewrites are idempotent
             for run in runs:
                 try:
-                    self._advance(run, *self._decode_batch([run]), out)
+                    self._advance(run, *self._decode_batch([run]).result(), out)
                 except Exception:
                     self._fail(run, out)
             return
@@ -270,8 +301,8 @@ class Engine:
                 self._fail(run, out)
             offset += n
 
-    def _decode_batch(self, runs: list[_Running]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-K (log-prob, id) [beams, K] of the next token of every running beam, in order."""
+    def _decode_batch(self, runs: list[_Running]) -> _Launched:
+        """Top-K (log-prob, id) [beams, K] of the next token of every running beam, in order (launched)."""
         rows, tokens, positions, blocked, last = [], [], [], [], []
         for run in runs:
             if run.cached == 0:  # new request: feed the forced prefix on beam 0 only
@@ -285,8 +316,7 @@ class Engine:
                 positions.extend(range(run.cached, run.cached + len(toks)))
                 blocked.extend([eos_blocked] * len(toks))
                 last.append(len(rows) - 1)
-        values, ids = self.runner(rows, tokens, positions, blocked)
-        return values[last], ids[last]
+        return _Launched(*self.runner.launch(rows, tokens, positions, blocked), last)
 
     @torch.inference_mode()
     def score(self, encoder_ids: list[int], decoder_ids: list[int]) -> torch.Tensor:

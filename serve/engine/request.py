@@ -29,6 +29,7 @@ class GenerationRequest:
     encoder_ids: list[int]
     decoder_prefix: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    target_lang: str | None = None  # ISO code; picks the output-vocabulary shortlist where one is served
     arrival_time: float = field(default_factory=time.monotonic)
 
 

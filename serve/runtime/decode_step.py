@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from serve.runtime.fused import Shortlist
 from serve.runtime.kv_cache import KVPool
 from serve.runtime.model import Decoder, DecoderBatch
 
@@ -23,7 +24,7 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 class DecodeRunner:
     def __init__(self, decoder: Decoder, pool: KVPool, eos_id: int, k: int, num_rows: int, table_width: int,
-                 max_rows: int, use_graphs: bool, compile: bool = False):  # fmt: skip
+                 max_rows: int, use_graphs: bool, compile: bool = False, shortlist: bool = False):  # fmt: skip
         self.decoder, self.pool, self.eos_id, self.k = decoder, pool, eos_id, k
         dev = pool.layers[0][0].device
         self.device = dev
@@ -35,6 +36,12 @@ class DecodeRunner:
         self.cross_lens = torch.ones(num_rows + 1, dtype=torch.long, device=dev)
         self.host_cross_lens = [1] * (num_rows + 1)  # to trim eager steps to the longest source
         self.free_rows = list(range(num_rows - 1, -1, -1))
+        # with a shortlist: the tokens each row may emit (the scratch row none, so padding adds none)
+        self.allowed = (
+            torch.zeros(num_rows + 1, decoder.cfg.vocab_size, dtype=torch.uint8, device=dev)
+            if shortlist
+            else None
+        )
         self.buckets = ([b for b in BUCKETS if b < max_rows] + [max_rows]) if use_graphs else []
         self.graphs: dict[
             int, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -46,9 +53,13 @@ class DecodeRunner:
         self._padding = pad.expand(4, max(self.buckets, default=1))  # query rows that do nothing
 
     # ---- rows -------------------------------------------------------------------------------
-    def open_row(self, blocks: list[int], cross_blocks: list[int], cross_len: int) -> int:
-        """Claim a row for one beam: its self-attention blocks and its source's cross blocks."""
+    def open_row(self, blocks: list[int], cross_blocks: list[int], cross_len: int,
+                 allowed: torch.Tensor | None = None) -> int:  # fmt: skip
+        """Claim a row for one beam: its self-attention blocks, its source's cross blocks and, under a
+        shortlist, the tokens it may emit (uint8 [vocab]; None: all)."""
         row = self.free_rows.pop()
+        if self.allowed is not None:
+            self.allowed[row] = 1 if allowed is None else allowed
         self.tables[row, : len(blocks)] = torch.tensor(blocks, device=self.device)
         self.cross_tables[row, : len(cross_blocks)] = torch.tensor(cross_blocks, device=self.device)
         self.cross_lens[row] = cross_len
@@ -85,10 +96,16 @@ class DecodeRunner:
     def _topk(self, inputs: torch.Tensor, widths: tuple[int, int] | None = None):
         rows, tokens, positions, eos_blocked = inputs
         batch = self.batch(rows, tokens, positions, widths)
-        return self.decoder.topk(batch, self.pool.layers, self.k, self.eos_id, eos_blocked)
+        shortlist = Shortlist.of(self.allowed, rows) if self.allowed is not None else None
+        return self.decoder.topk(batch, self.pool.layers, self.k, self.eos_id, eos_blocked, shortlist)
 
     def __call__(self, rows: list[int], tokens: list[int], positions: list[int], eos_blocked: list[bool]):
         """Top-k (log-prob, id) [len(rows), k] of the next token of each query row, on the CPU."""
+        values, ids = self.launch(rows, tokens, positions, eos_blocked)
+        return values.cpu(), ids.cpu()
+
+    def launch(self, rows: list[int], tokens: list[int], positions: list[int], eos_blocked: list[bool]):
+        """`__call__` without waiting: device tensors, valid until the next launch."""
         n = len(rows)
         packed = torch.tensor([rows, tokens, positions, eos_blocked], dtype=torch.long)
         bucket = next((b for b in self.buckets if b >= n), None)
@@ -99,7 +116,7 @@ class DecodeRunner:
             static[:, :n].copy_(packed, non_blocking=True)
             static[:, n:] = self._padding[:, : bucket - n]
             graph.replay()
-        return values[:n].cpu(), ids[:n].cpu()
+        return values[:n], ids[:n]
 
     def capture_graphs(self) -> None:
         """Capture every bucket's graph now (compiling its kernels), so that no request waits for one."""

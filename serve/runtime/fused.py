@@ -9,7 +9,7 @@ into its epilogue. Weights stay in the checkpoint's layout and are dequantized i
 | fmt | weight (TRT-LLM checkpoint layout) | scales |
 |---|---|---|
 | FLOAT | [N, K] | - |
-| INT8 (W8A16) | int8 [K, N] | per output channel [N] |
+| INT8 (W8A16) | int8 [K, N], stored K-contiguous at load (`quant.kernel_layout`) | per output channel [N] |
 | INT4 (W4A16_AWQ) | int8 [N/2, K], rows 2j / 2j+1 in the low / high nibble | [N, K/group], x scaled by [K] first |
 
 `lm_head_topk_triton` runs the final LayerNorm and the lm_head the same way, but never writes the
@@ -107,13 +107,12 @@ if triton is not None:
         return mean, 1.0 / tl.sqrt(sq / K + eps)
 
     @triton.jit
-    def _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, N, K, eps, stride_xm, stride_wn,
-                     stride_wk, stride_sn, FMT: tl.constexpr, GROUP: tl.constexpr, HAS_LN: tl.constexpr,
-                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, cols, n_ok, N, K, eps, stride_xm,
+                     stride_wn, stride_wk, stride_sn, FMT: tl.constexpr, GROUP: tl.constexpr, HAS_LN: tl.constexpr,
+                     GATHER: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):  # fmt: skip
-        """fp32 [BLOCK_M, BLOCK_N] tile of LN(x) W^T for output columns of program_id(0)."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
+        """fp32 [BLOCK_M, BLOCK_N] tile of LN(x) W^T for output columns `cols`: program_id(0)'s
+        contiguous block, or any ids with GATHER (the lm_head over a shortlist)."""
         rk = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + rm[:, None] * stride_xm
         if HAS_LN:
@@ -132,23 +131,27 @@ if triton is not None:
             if FMT == 2:
                 pre = tl.load(pre_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 a = (a.to(tl.float32) * pre[None, :]).to(x_ptr.dtype.element_ty)
-            if FMT == 2:  # packed int4: byte (j, k) holds columns 2j (low nibble) and 2j+1 (high)
+            if FMT == 2 and not GATHER:  # packed int4: byte (j, k) holds columns 2j (low nibble), 2j+1 (high)
                 HALF: tl.constexpr = BLOCK_N // 2
                 rj = tl.program_id(0) * HALF + tl.arange(0, HALF)
                 p = tl.load(w_ptr + rj[None, :] * stride_wn + kk[:, None] * stride_wk,
                             mask=(rj < N // 2)[None, :] & k_ok[:, None], other=0).to(tl.int32)  # fmt: skip
                 w = tl.reshape(tl.join((p << 28) >> 28, (p << 24) >> 28), (BLOCK_K, BLOCK_N))
+            elif FMT == 2:  # gathered int4 columns: each takes its own nibble of its byte
+                p = tl.load(w_ptr + (cols // 2)[None, :] * stride_wn + kk[:, None] * stride_wk,
+                            mask=n_ok[None, :] & k_ok[:, None], other=0).to(tl.int32)  # fmt: skip
+                w = (p << (28 - 4 * (cols % 2))[None, :]) >> 28
             else:
-                w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                w = tl.load(w_ptr + cols[None, :] * stride_wn + kk[:, None] * stride_wk,
                             mask=n_ok[None, :] & k_ok[:, None], other=0)  # fmt: skip
             w = w.to(x_ptr.dtype.element_ty)
             part = tl.dot(a, w, input_precision="ieee") if IEEE else tl.dot(a, w)
             if FMT == 2:  # BLOCK_K divides GROUP: one scale per column in this K slab
-                s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+                s = tl.load(s_ptr + cols * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
                 part = part * s[None, :]
             acc += part
         if FMT == 1:
-            acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc = acc * tl.load(s_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         return acc
 
     @triton.jit
@@ -160,9 +163,9 @@ if triton is not None:
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = rm < M
-        acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, N, K, eps, stride_xm,
-                           stride_wn, stride_wk, stride_sn, FMT, GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_N,
-                           BLOCK_K)  # fmt: skip
+        acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, rn, rn < N, N, K, eps,
+                           stride_xm, stride_wn, stride_wk, stride_sn, FMT, GROUP, HAS_LN, False, IEEE, BLOCK_M,
+                           BLOCK_N, BLOCK_K)  # fmt: skip
         ok = m_ok[:, None] & (rn < N)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -178,33 +181,76 @@ if triton is not None:
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _lm_head_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, blocked_ptr, pmax_ptr, psum_ptr, cval_ptr,
-                        cidx_ptr, M, N, K, eps, eos, stride_xm, stride_wn, stride_wk, stride_sn,
-                        FMT: tl.constexpr, GROUP: tl.constexpr, HAS_LN: tl.constexpr, IEEE: tl.constexpr,
-                        TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):  # fmt: skip
-        # One vocabulary tile per program: its softmax partial and its TOPK best (EOS masked where blocked).
+    def _lm_head_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, blocked_ptr, ids_ptr, count_ptr, rows_ptr,
+                        allowed_ptr, pmax_ptr, psum_ptr, cval_ptr, cidx_ptr, M, N, K, eps, eos, stride_xm, stride_wn,
+                        stride_wk, stride_sn, stride_allowed, FMT: tl.constexpr, GROUP: tl.constexpr,
+                        HAS_LN: tl.constexpr, SHORTLIST: tl.constexpr, IEEE: tl.constexpr, TOPK: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        # One tile of candidate tokens per program (the vocabulary, or the shortlist's ids): its
+        # softmax partial and its TOPK best, with EOS masked where blocked and, under a shortlist,
+        # each row's tokens outside its own list masked too.
         tile = tl.program_id(0)
         tiles = tl.num_programs(0)
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = rm < M
-        acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, N, K, eps, stride_xm,
-                           stride_wn, stride_wk, stride_sn, FMT, GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_N,
-                           BLOCK_K)  # fmt: skip
-        logit = tl.where((rn < N)[None, :], acc, float("-inf"))
-        mx = tl.max(logit, axis=1)
-        tl.store(pmax_ptr + rm * tiles + tile, mx, mask=m_ok)
-        tl.store(psum_ptr + rm * tiles + tile, tl.sum(tl.exp(logit - mx[:, None]), axis=1), mask=m_ok)
-        blocked = tl.load(blocked_ptr + rm, mask=m_ok, other=0) != 0
-        sel = tl.where(blocked[:, None] & (rn == eos)[None, :], float("-inf"), logit)
-        cols = tl.arange(0, BLOCK_N)
+        pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        count = N
+        if SHORTLIST:
+            count = tl.load(count_ptr)
+        out = rm * (tiles * TOPK) + tile * TOPK
+        if tile * BLOCK_N < count:
+            valid = pos < count
+            cols = pos
+            if SHORTLIST:
+                cols = tl.load(ids_ptr + pos, mask=valid, other=0)
+            acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, cols, valid, N, K, eps,
+                               stride_xm, stride_wn, stride_wk, stride_sn, FMT, GROUP, HAS_LN, SHORTLIST, IEEE,
+                               BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+            keep = valid[None, :]
+            if SHORTLIST:
+                row = tl.load(rows_ptr + rm, mask=m_ok, other=0)
+                keep = tl.load(allowed_ptr + row[:, None] * stride_allowed + cols[None, :],
+                               mask=m_ok[:, None] & keep, other=0) != 0  # fmt: skip
+            logit = tl.where(keep, acc, float("-inf"))
+            mx = tl.max(logit, axis=1)
+            shift = tl.where(mx == float("-inf"), 0.0, mx)  # a row may keep nothing in this tile
+            tl.store(pmax_ptr + rm * tiles + tile, mx, mask=m_ok)
+            tl.store(psum_ptr + rm * tiles + tile, tl.sum(tl.exp(logit - shift[:, None]), axis=1), mask=m_ok)
+            blocked = tl.load(blocked_ptr + rm, mask=m_ok, other=0) != 0
+            sel = tl.where(blocked[:, None] & (cols == eos)[None, :], float("-inf"), logit)
+            lanes = tl.arange(0, BLOCK_N)
+            for i in tl.static_range(TOPK):
+                best = tl.argmax(sel, axis=1)
+                pick = lanes[None, :] == best[:, None]
+                tl.store(cval_ptr + out + i, tl.max(sel, axis=1), mask=m_ok)
+                tl.store(cidx_ptr + out + i, tl.sum(tl.where(pick, cols[None, :], 0), axis=1), mask=m_ok)
+                sel = tl.where(pick, float("-inf"), sel)
+        else:  # past the shortlist's end: a partial that changes nothing
+            tl.store(pmax_ptr + rm * tiles + tile, tl.full((BLOCK_M,), float("-inf"), tl.float32), mask=m_ok)
+            tl.store(psum_ptr + rm * tiles + tile, tl.zeros((BLOCK_M,), tl.float32), mask=m_ok)
+            for i in tl.static_range(TOPK):
+                tl.store(cval_ptr + out + i, tl.full((BLOCK_M,), float("-inf"), tl.float32), mask=m_ok)
+                tl.store(cidx_ptr + out + i, tl.zeros((BLOCK_M,), tl.int32), mask=m_ok)
+
+    @triton.jit
+    def _topk_merge_kernel(pmax_ptr, psum_ptr, cval_ptr, cidx_ptr, val_ptr, idx_ptr, TILES,
+                           TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        # One row per program: log-sum-exp of the tiles' partials, then the TOPK best candidates.
+        row = tl.program_id(0)
+        t = tl.arange(0, BLOCK_T)
+        pmax = tl.load(pmax_ptr + row * TILES + t, mask=t < TILES, other=float("-inf"))
+        psum = tl.load(psum_ptr + row * TILES + t, mask=t < TILES, other=0.0)
+        top = tl.max(pmax, axis=0)
+        top = tl.where(top == float("-inf"), 0.0, top)  # a row that may emit nothing gets -inf values
+        lse = top + tl.log(tl.maximum(tl.sum(psum * tl.exp(pmax - top), axis=0), 1.0))  # the sum is >= 1
+        c = tl.arange(0, BLOCK_C)
+        n = TILES * TOPK
+        cand = tl.load(cval_ptr + row * n + c, mask=c < n, other=float("-inf"))
         for i in tl.static_range(TOPK):
-            best = tl.argmax(sel, axis=1)
-            out = rm * (tiles * TOPK) + tile * TOPK + i
-            tl.store(cval_ptr + out, tl.max(sel, axis=1), mask=m_ok)
-            tl.store(cidx_ptr + out, tile * BLOCK_N + best, mask=m_ok)
-            sel = tl.where(cols[None, :] == best[:, None], float("-inf"), sel)
+            best = tl.argmax(cand, axis=0)
+            tl.store(val_ptr + row * TOPK + i, tl.max(cand, axis=0) - lse)
+            tl.store(idx_ptr + row * TOPK + i, tl.load(cidx_ptr + row * n + best).to(tl.int64))
+            cand = tl.where(c == best, float("-inf"), cand)
 
 
 def _block_m(m: int) -> int:
@@ -216,7 +262,7 @@ def _tiles(w: Weights, n: int) -> tuple[int, int]:
     if w.fmt == INT4:
         return 32, min(64, w.group)
     if w.fmt == INT8:
-        return (16 if n <= 2048 else 32), 512
+        return (16, 1024) if n <= 2048 else (32, 512)
     return (16, 512) if n <= 2048 else (32, 256)
 
 
@@ -305,11 +351,39 @@ def linear(x: torch.Tensor, layer, norm: torch.nn.LayerNorm | None = None, act: 
     return linear_triton(x, w, n, layer.bias, norm, act, residual)
 
 
+@dataclass(frozen=True)
+class Shortlist:
+    """The tokens each query row may emit, as the lm_head kernel reads them.
+
+    `allowed[rows[i], t]` says whether query row i may emit token t; `ids[:count]` are the tokens
+    any of them may (ascending), so the kernel reads only those lm_head rows. Everything stays on
+    the device with fixed shapes, so a CUDA graph can replay it while the batch changes.
+    """
+
+    allowed: torch.Tensor  # uint8 [table rows, vocab]
+    rows: torch.Tensor  # [m]
+    ids: torch.Tensor  # int32 [vocab + 1]
+    count: torch.Tensor  # int32 [1]
+
+    @classmethod
+    def of(cls, allowed: torch.Tensor, rows: torch.Tensor) -> Shortlist:
+        any_row = allowed[rows].amax(dim=0) != 0
+        pos = torch.where(any_row, any_row.cumsum(0) - 1, any_row.numel())  # the last slot takes the rest
+        ids = torch.zeros(any_row.numel() + 1, dtype=torch.int32, device=allowed.device)
+        ids[pos] = torch.arange(any_row.numel(), dtype=torch.int32, device=allowed.device)
+        return cls(allowed, rows, ids, any_row.sum(dtype=torch.int32).reshape(1))
+
+    def mask(self, vocab: int) -> torch.Tensor:
+        """bool [m, vocab]: what each query row may emit."""
+        return self.allowed[self.rows, :vocab] != 0
+
+
 def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id: int, eos_blocked: torch.Tensor,
-                        norm: torch.nn.LayerNorm | None = None, block_n: int | None = None,
-                        block_k: int | None = None,
+                        norm: torch.nn.LayerNorm | None = None, shortlist: Shortlist | None = None,
+                        block_n: int | None = None, block_k: int | None = None,
                         num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Top-k log-probabilities and ids [rows, k] of softmax(LN(x) W^T)[:, :vocab], EOS masked where blocked."""
+    """Top-k log-probabilities and ids [rows, k] of softmax(LN(x) W^T)[:, :vocab], EOS masked where blocked,
+    over each row's shortlist where one is given (log-probabilities normalized over it)."""
     x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
     m, kdim = x2.shape
     # measured best on the H100 at one row: wide float tiles with 8 warps; 128 x 128 (x 64 for int4)
@@ -324,27 +398,36 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
     cval = torch.empty(m, tiles * k, dtype=torch.float32, device=x.device)
     cidx = torch.empty(m, tiles * k, dtype=torch.int32, device=x.device)
     wn, wk = w.n_k_strides()
+    sl = shortlist or Shortlist(x2, x2, x2, x2)  # pointers the SHORTLIST=False variant never reads
     _lm_head_kernel[(tiles, triton.cdiv(m, bm))](
-        x2, w.weight, s, pre, g, beta, eos_blocked, pmax, psum, cval, cidx, m, vocab, kdim, eps, eos_id,
-        x2.stride(0), wn, wk, sn, FMT=w.fmt, GROUP=w.group, HAS_LN=norm is not None,
-        IEEE=x.dtype == torch.float32, TOPK=k, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        x2, w.weight, s, pre, g, beta, eos_blocked, sl.ids, sl.count, sl.rows, sl.allowed, pmax, psum, cval, cidx,
+        m, vocab, kdim, eps, eos_id, x2.stride(0), wn, wk, sn, sl.allowed.stride(0), FMT=w.fmt, GROUP=w.group,
+        HAS_LN=norm is not None, SHORTLIST=shortlist is not None, IEEE=x.dtype == torch.float32, TOPK=k,
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
-    top = pmax.max(dim=1, keepdim=True).values
-    lse = top + torch.log((psum * torch.exp(pmax - top)).sum(dim=1, keepdim=True))
-    values, pick = cval.topk(k, dim=1)
-    return values - lse, cidx.gather(1, pick).long()
+    values = torch.empty(m, k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(m, k, dtype=torch.long, device=x.device)
+    block_c = triton.next_power_of_2(tiles * k)
+    _topk_merge_kernel[(m,)](pmax, psum, cval, cidx, values, ids, tiles, TOPK=k,
+                             BLOCK_T=triton.next_power_of_2(tiles), BLOCK_C=block_c,
+                             num_warps=max(1, min(16, block_c // 1024)))  # fmt: skip
+    return values, ids
 
 
 def lm_head_topk_reference(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id: int,
-                           eos_blocked: torch.Tensor,
-                           norm: torch.nn.LayerNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                           eos_blocked: torch.Tensor, norm: torch.nn.LayerNorm | None = None,
+                           shortlist: Shortlist | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The definition: `topk_logprobs` of the float32 logits."""
-    return topk_logprobs(linear_reference(x, w, vocab, norm=norm).float(), k, eos_id, eos_blocked)
+    allowed = shortlist.mask(vocab) if shortlist is not None else None
+    return topk_logprobs(linear_reference(x, w, vocab, norm=norm).float(), k, eos_id, eos_blocked, allowed)
 
 
-def topk_logprobs(logits: torch.Tensor, k: int, eos_id: int,
-                  eos_blocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Top-k of log_softmax(logits) [rows, k], EOS excluded from the choice (not the norm) where blocked."""
+def topk_logprobs(logits: torch.Tensor, k: int, eos_id: int, eos_blocked: torch.Tensor,
+                  allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Top-k of log_softmax(logits) [rows, k], EOS excluded from the choice (not the norm) where blocked;
+    with `allowed` [rows, vocab], the softmax runs over each row's allowed tokens only."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     logp = torch.log_softmax(logits, dim=-1)
     logp[:, eos_id] = logp[:, eos_id].masked_fill(eos_blocked.bool(), float("-inf"))
     return torch.topk(logp, k, dim=-1)

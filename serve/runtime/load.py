@@ -64,7 +64,12 @@ def load_component(component_dir: Path, device: torch.device, dtype: str | torch
         state.pop(name, None)
     state = {k: v.to(cfg.dtype) if v.is_floating_point() else v for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
-    return module.to(device).eval()
+    module = module.to(device).eval()
+    if quant.get("quant_algo"):
+        from serve.runtime.quant import kernel_layout
+
+        kernel_layout(module)
+    return module
 
 
 def load_model(

@@ -307,19 +307,22 @@ class Decoder(nn.Module):
         return gather_vocab(self.lm_head(x).float())[:, : self.cfg.vocab_size]
 
     def topk(self, b: DecoderBatch, kv_pools: list[tuple[torch.Tensor, torch.Tensor]], k: int, eos_id: int,
-             eos_blocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Top-k (log-prob, id) [rows, k] of the next token, EOS masked where `eos_blocked`.
+             eos_blocked: torch.Tensor,
+             shortlist: fused.Shortlist | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Top-k (log-prob, id) [rows, k] of the next token, EOS masked where `eos_blocked`, over each
+        row's shortlist where one is given.
 
         On one rank the final norm, lm_head and log-softmax run as `fused.lm_head_topk_triton`,
-        which never writes the [rows, vocab] logits.
+        which never writes the [rows, vocab] logits and reads only the shortlist's lm_head rows.
         """
         x = self.hidden(b, kv_pools)
-        w = self.lm_head.kernel_weights()
+        w, vocab = self.lm_head.kernel_weights(), self.cfg.vocab_size
         if tp.world_size() == 1 and fused.usable(x, w, fused.LM_HEAD_MAX_ROWS):
             norm = self.transformer.ln_f if self.cfg.has_final_layernorm else None
-            return fused.lm_head_topk_triton(x, w, self.cfg.vocab_size, k, eos_id, eos_blocked, norm)
-        logits = gather_vocab(self.lm_head(self.transformer.ln_f(x)).float())[:, : self.cfg.vocab_size]
-        return fused.topk_logprobs(logits, k, eos_id, eos_blocked)
+            return fused.lm_head_topk_triton(x, w, vocab, k, eos_id, eos_blocked, norm, shortlist)
+        logits = gather_vocab(self.lm_head(self.transformer.ln_f(x)).float())[:, :vocab]
+        allowed = shortlist.mask(vocab) if shortlist is not None else None
+        return fused.topk_logprobs(logits, k, eos_id, eos_blocked, allowed)
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,12 @@ class WeightOnlyInt8Linear(QuantLinear):
     def kernel_weights(self) -> Weights:
         return Weights(INT8, self.weight, self.per_channel_scale)
 
+    def relayout(self) -> None:
+        """Keep the [in, out] weight but store it K-contiguous (out-major): a decode step's kernel then
+        reads each output channel as one run of bytes, not 16-byte pieces of many rows (TRT-LLM also
+        re-lays out weight-only weights for its kernels at load)."""
+        self.weight = self.weight.t().contiguous().t()
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32:
             y = torch._weight_int8pack_mm(
@@ -204,3 +210,10 @@ def apply_quantization(model: torch.nn.Module, quantization: Mapping) -> None:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, cls.from_linear(module, quantization))
+
+
+def kernel_layout(model: torch.nn.Module) -> None:
+    """Re-lay out loaded quantized weights in memory for the decode kernels (shapes unchanged)."""
+    for module in model.modules():
+        if isinstance(module, WeightOnlyInt8Linear):
+            module.relayout()

@@ -15,6 +15,7 @@ from serve import segment
 from serve.engine.core import Engine, EngineConfig
 from serve.engine.request import GenerationRequest, SamplingParams, default_max_new_tokens
 from serve.runtime.load import default_device, load_model
+from serve.runtime.shortlist import VocabShortlist
 from serve.tokenizer import TranslationTokenizer
 
 
@@ -25,17 +26,20 @@ class Translator:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         engine_config: EngineConfig | None = None,
+        shortlist: bool = False,
     ):
         ckpt_dir = Path(ckpt_dir)
         self.device = torch.device(device) if device is not None else default_device()
         self.tokenizer = TranslationTokenizer(ckpt_dir)
         self.encoder, self.decoder = load_model(ckpt_dir, self.device, dtype)
+        vocab = self.decoder.cfg.vocab_size
         self.engine = Engine(
             self.encoder,
             self.decoder,
             engine_config or EngineConfig(),
             eos_id=self.tokenizer.eos_token_id,
             device=self.device,
+            shortlist=VocabShortlist.load(ckpt_dir, vocab, self.device) if shortlist else None,
         )
         meta = ckpt_dir / "conversion.json"
         self.model_id = (
@@ -48,21 +52,26 @@ class Translator:
         ckpt_dir: str | Path,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        shortlist: bool = False,
         **engine_kwargs,
     ) -> Translator:
-        return cls(ckpt_dir, device, dtype, EngineConfig(**engine_kwargs) if engine_kwargs else None)
+        """`shortlist`: serve the checkpoint's output-vocabulary shortlists (`serve.runtime.shortlist`)."""
+        return cls(
+            ckpt_dir, device, dtype, EngineConfig(**engine_kwargs) if engine_kwargs else None, shortlist
+        )
 
     def generate_ids(
         self,
         encoder_ids: list[list[int]],
         decoder_prefixes: list[list[int]],
         params: SamplingParams | list[SamplingParams],
+        target_lang: str | None = None,
     ) -> list[list[int]]:
         """Generated ids (after the prefix, without EOS) for each source, batched in flight."""
         plist = params if isinstance(params, list) else [params] * len(encoder_ids)
         ids = [uuid.uuid4().hex for _ in encoder_ids]
         for rid, enc, prefix, p in zip(ids, encoder_ids, decoder_prefixes, plist, strict=True):
-            self.engine.add(GenerationRequest(rid, enc, prefix, p))
+            self.engine.add(GenerationRequest(rid, enc, prefix, p, target_lang))
         results: dict[str, list[int]] = {}
         while len(results) < len(ids):
             out = self.engine.step()
@@ -99,7 +108,7 @@ class Translator:
             for ids in pieces
         ]
         encoder_ids = [self.tokenizer.encoder_ids(ids, src) for ids in pieces]
-        out = iter(self.generate_ids(encoder_ids, [prefix] * len(pieces), params))
+        out = iter(self.generate_ids(encoder_ids, [prefix] * len(pieces), params, tgt.code))
         return [
             layout.join([self.tokenizer.decode(next(out)) for _ in layout.token_ids]) for layout in layouts
         ]

@@ -1,0 +1,76 @@
+"""Per-target-language output vocabularies: `shortlist.safetensors` in a checkpoint directory.
+
+At mBART-50's shape the lm_head (250k x 1024) is more than half the bytes a decode step reads,
+yet a translation into one language uses a small part of that vocabulary. With a shortlist,
+each request may emit only its target language's tokens plus the tokens of its own source
+(names, numbers and other words a translation copies), and the lm_head kernel reads only the
+rows some running request may emit (`fused.Shortlist`). Log-probabilities are normalized over
+each request's own tokens. Outputs can differ from the full vocabulary's, so serving with a
+shortlist is opt-in; `python -m calib.shortlist` writes the file with a report of its coverage
+of real references and of its agreement with the full vocabulary.
+
+Format: one int32 tensor per target language, named by its ISO code, holding the ascending token
+ids that language may emit; metadata `vocab_size` (the tokenizer's) and `format` (`FORMAT`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FILENAME = "shortlist.safetensors"
+FORMAT = "mt-shortlist-v1"
+
+
+def write(ckpt_dir: Path, lists: dict[str, list[int]], vocab_size: int, meta: dict[str, str]) -> Path:
+    path = Path(ckpt_dir) / FILENAME
+    tensors = {lang: torch.tensor(sorted(set(ids)), dtype=torch.int32) for lang, ids in lists.items()}
+    save_file(tensors, path, metadata={**meta, "format": FORMAT, "vocab_size": str(vocab_size)})
+    return path
+
+
+def read(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """({language: token ids}, vocab_size); FileNotFoundError saying how to build a missing file."""
+    path = Path(ckpt_dir) / FILENAME
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: build it with `python -m calib.shortlist --checkpoint {ckpt_dir} --langs ...`"
+        )
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        return {lang: f.get_tensor(lang) for lang in f.keys()}, int(meta["vocab_size"])  # noqa: SIM118
+
+
+class VocabShortlist:
+    """The allow bits of each request's decoder rows, built from a checkpoint's shortlists."""
+
+    def __init__(self, lists: dict[str, torch.Tensor], vocab_size: int, device: torch.device | str):
+        self.vocab_size, self.device = vocab_size, torch.device(device)
+        self.languages = sorted(lists)
+        self._bits = {}
+        for lang, ids in lists.items():
+            bits = torch.zeros(vocab_size, dtype=torch.uint8)
+            bits[ids.long()] = 1
+            self._bits[lang] = bits.to(self.device)
+
+    @classmethod
+    def load(cls, ckpt_dir: Path, vocab_size: int, device: torch.device | str) -> VocabShortlist:
+        lists, file_vocab = read(ckpt_dir)
+        if file_vocab != vocab_size:
+            raise ValueError(f"{Path(ckpt_dir) / FILENAME} is for a vocabulary of {file_vocab}, "
+                             f"the model has {vocab_size}")  # fmt: skip
+        return cls(lists, vocab_size, device)
+
+    def allowed(self, lang: str | None, source_ids: list[int]) -> torch.Tensor | None:
+        """uint8 [vocab_size]: `lang`'s tokens and the source's; None (everything) without a list."""
+        bits = self._bits.get(lang) if lang is not None else None
+        if bits is None:
+            return None
+        bits = bits.clone()
+        bits[torch.tensor(source_ids, device=self.device)] = 1
+        return bits
