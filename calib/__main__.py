@@ -11,18 +11,13 @@ from pathlib import Path
 
 from calib.data import CalibError
 from calib.trtllm_quant import QUANT_MODES
-from convert.__main__ import _one_line
+from convert.cli import OneLineParser, run_cli
 from convert.errors import ConvertError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     modes = ", ".join(f"{k} ({v[0]})" for k, v in QUANT_MODES.items())
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m calib",
         description=(
             "Calibrate an HF mBART with NVIDIA ModelOpt on per-language text (X->en and en->X for each "
@@ -82,19 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         progress=not args.quiet,
     )  # fmt: skip
-    try:
-        out = calibrate(opts)
-    except (CalibError, ConvertError) as err:
-        print(f"calib: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("calib: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except Exception as err:  # unexpected: still one line, the traceback would bury the message
-        print(f"calib: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+    return run_cli("calib", lambda: print(calibrate(opts)), (CalibError, ConvertError))
 
 
 if __name__ == "__main__":

@@ -26,13 +26,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from calib.data import CalibError
+from convert.cli import OneLineParser, run_cli
 from eval.data import calib_languages, calib_path, read_lines, test_pair_paths
 from serve.runtime import shortlist as shortlist_file
 from serve.tokenizer import TranslationTokenizer
-
-
-class ShortlistError(Exception):
-    """A user-fixable problem; `str()` is one line."""
 
 
 def base_tokens(tok: TranslationTokenizer, vocab_size: int) -> set[int]:
@@ -96,18 +94,18 @@ def build(ckpt: Path, langs: list[str] | None = None, corpora: dict[str, Path] |
     """Write the shortlist and its report into `ckpt`; returns the report."""
     ckpt = Path(ckpt)
     if not (ckpt / "decoder" / "config.json").is_file():
-        raise ShortlistError(f"{ckpt} is not a converted checkpoint (no decoder/config.json)")
+        raise CalibError(f"{ckpt} is not a converted checkpoint (no decoder/config.json)")
     tok = TranslationTokenizer(ckpt)
     vocab_size = json.loads((ckpt / "decoder" / "config.json").read_text())["vocab_size"]
     corpora = dict(corpora or {})
     for lang in langs or sorted({x for x in calib_languages() if x in tok.codes} | set(corpora)):
         if lang not in tok.codes:
-            raise ShortlistError(f"the model has no language {lang!r}; it has: {', '.join(tok.codes)}")
+            raise CalibError(f"the model has no language {lang!r}; it has: {', '.join(tok.codes)}")
         corpora.setdefault(lang, calib_path(lang))
         if not corpora[lang].is_file():
-            raise ShortlistError(f"no corpus for {lang!r} at {corpora[lang]}; pass --corpus {lang}=PATH")
+            raise CalibError(f"no corpus for {lang!r} at {corpora[lang]}; pass --corpus {lang}=PATH")
     if (ckpt / shortlist_file.FILENAME).exists() and not overwrite:
-        raise ShortlistError(f"{ckpt / shortlist_file.FILENAME} exists (use --overwrite to replace it)")
+        raise CalibError(f"{ckpt / shortlist_file.FILENAME} exists (use --overwrite to replace it)")
     texts = {lang: read_lines(path) for lang, path in corpora.items()}
     lists = build_lists(tok, texts, vocab_size, min_count)
     source = ", ".join(f"{lang}={path}" for lang, path in sorted(corpora.items()))
@@ -176,7 +174,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m calib.shortlist",
         description="Write per-target-language output vocabularies (shortlist.safetensors) into a converted "
         "checkpoint, with a report of their size, their coverage of real reference translations and their "
@@ -200,22 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        corpora = dict(item.split("=", 1) for item in args.corpus)
+        corpora = {lang: Path(path) for lang, path in (item.split("=", 1) for item in args.corpus)}
     except ValueError:
-        print("calib.shortlist: error: --corpus takes LANG=PATH", file=sys.stderr)
-        return 2
-    try:
-        report = build(args.checkpoint, args.langs.split(",") if args.langs else None,
-                       {k: Path(v) for k, v in corpora.items()}, args.min_count, args.agreement_samples,
-                       args.test_set, args.device, args.overwrite, progress=not args.quiet)  # fmt: skip
-    except ShortlistError as err:
-        print(f"calib.shortlist: error: {err}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        print(markdown(report))
-    return 0
+        parser.error("--corpus takes LANG=PATH")
+
+    def work() -> None:
+        report = build(args.checkpoint, args.langs.split(",") if args.langs else None, corpora, args.min_count,
+                       args.agreement_samples, args.test_set, args.device, args.overwrite,
+                       progress=not args.quiet)  # fmt: skip
+        if not args.quiet:
+            print(markdown(report))
+
+    return run_cli("calib.shortlist", work, (CalibError,), "the shortlist may be written without its report")
 
 
 if __name__ == "__main__":

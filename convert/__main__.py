@@ -23,15 +23,11 @@ from typing import Any
 import torch
 
 from convert.checkpoint import write_component
+from convert.cli import one_line, run_cli
 from convert.errors import ConvertError
 from convert.registry import DTYPES, Loader, get_loader, supported_architectures
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return (text[:300] + "...") if len(text) > 300 else text or type(err).__name__
 
 
 def project_version() -> str:
@@ -80,7 +76,7 @@ def load_hf(source: str, tp_size: int) -> tuple[Loader, Any, Any]:
     try:
         hf_config = transformers.AutoConfig.from_pretrained(source)
     except Exception as err:
-        raise ConvertError(f"cannot read a Hugging Face config from {source}: {_one_line(err)}") from None
+        raise ConvertError(f"cannot read a Hugging Face config from {source}: {one_line(err)}") from None
     loader = get_loader((hf_config.architectures or [None])[0])
     loader.check_tp(hf_config, tp_size)
     try:
@@ -88,7 +84,7 @@ def load_hf(source: str, tp_size: int) -> tuple[Loader, Any, Any]:
             source, dtype=torch.float32, output_loading_info=True, **loader.hf_kwargs
         )
     except Exception as err:
-        raise ConvertError(f"cannot load weights from {source}: {_one_line(err)}") from None
+        raise ConvertError(f"cannot load weights from {source}: {one_line(err)}") from None
     missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
     if missing:
         shown = ", ".join(str(k) for k in missing[:3]) + (" ..." if len(missing) > 3 else "")
@@ -96,7 +92,7 @@ def load_hf(source: str, tp_size: int) -> tuple[Loader, Any, Any]:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except Exception as err:
-        raise ConvertError(f"cannot load the tokenizer of {source}: {_one_line(err)}") from None
+        raise ConvertError(f"cannot load the tokenizer of {source}: {one_line(err)}") from None
     return loader, model.eval(), tokenizer
 
 
@@ -224,21 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_transformers()
-    try:
-        out = convert_checkpoint(
-            args.model, args.output, args.tp_size, args.dtype, args.overwrite, progress=not args.quiet
-        )
-    except ConvertError as err:
-        print(f"convert: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("convert: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except Exception as err:  # an unexpected failure still gets one line, not a traceback
-        print(f"convert: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+    return run_cli(
+        "convert",
+        lambda: print(
+            convert_checkpoint(
+                args.model, args.output, args.tp_size, args.dtype, args.overwrite, progress=not args.quiet
+            )
+        ),  # fmt: skip
+        (ConvertError,),
+    )
 
 
 if __name__ == "__main__":

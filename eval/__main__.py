@@ -11,19 +11,13 @@ from pathlib import Path
 
 import httpx
 
+from convert.cli import OneLineParser
 from eval.errors import EvalError
 
 DATA_NOTE = (
     "Test data: $MT_DATA_ROOT/test/<set>/<src>-<tgt>.<src> (source) and .<tgt> (reference); "
     "MT_DATA_ROOT defaults to ../shared/data beside the project."
 )
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit status 2), like every other error here."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def positive_int(text: str) -> int:
@@ -48,8 +42,8 @@ def non_negative_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = Parser(prog="python -m eval", description=__doc__, formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser = OneLineParser(prog="python -m eval", description=__doc__, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     run = sub.add_parser(
         "run",

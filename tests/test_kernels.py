@@ -217,7 +217,7 @@ def test_shortlist_is_each_rows_subset():
     union = torch.nonzero(allowed[[0, 1]].amax(0)).flatten()
     assert sl.count.item() == len(union) and torch.equal(sl.ids[: len(union)].long(), union)
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
-    values, ids = fused.topk_logprobs(logits, 3, 3, torch.zeros(4), sl.mask(300))
+    values, ids = fused.topk_logprobs(logits, 3, 3, torch.zeros(4), sl)
     for i in range(3):
         own = torch.nonzero(allowed[rows[i]]).flatten()
         v, j = torch.log_softmax(logits[i, own], -1).topk(3)

@@ -99,13 +99,9 @@ class DecodeRunner:
         shortlist = Shortlist.of(self.allowed, rows) if self.allowed is not None else None
         return self.decoder.topk(batch, self.pool.layers, self.k, self.eos_id, eos_blocked, shortlist)
 
-    def __call__(self, rows: list[int], tokens: list[int], positions: list[int], eos_blocked: list[bool]):
-        """Top-k (log-prob, id) [len(rows), k] of the next token of each query row, on the CPU."""
-        values, ids = self.launch(rows, tokens, positions, eos_blocked)
-        return values.cpu(), ids.cpu()
-
     def launch(self, rows: list[int], tokens: list[int], positions: list[int], eos_blocked: list[bool]):
-        """`__call__` without waiting: device tensors, valid until the next launch."""
+        """Top-k (log-prob, id) [len(rows), k] of the next token of each query row, without waiting:
+        device tensors, valid until the next launch."""
         n = len(rows)
         packed = torch.tensor([rows, tokens, positions, eos_blocked], dtype=torch.long)
         bucket = next((b for b in self.buckets if b >= n), None)

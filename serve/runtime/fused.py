@@ -418,16 +418,15 @@ def lm_head_topk_reference(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_
                            eos_blocked: torch.Tensor, norm: torch.nn.LayerNorm | None = None,
                            shortlist: Shortlist | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The definition: `topk_logprobs` of the float32 logits."""
-    allowed = shortlist.mask(vocab) if shortlist is not None else None
-    return topk_logprobs(linear_reference(x, w, vocab, norm=norm).float(), k, eos_id, eos_blocked, allowed)
+    return topk_logprobs(linear_reference(x, w, vocab, norm=norm).float(), k, eos_id, eos_blocked, shortlist)
 
 
 def topk_logprobs(logits: torch.Tensor, k: int, eos_id: int, eos_blocked: torch.Tensor,
-                  allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                  shortlist: Shortlist | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Top-k of log_softmax(logits) [rows, k], EOS excluded from the choice (not the norm) where blocked;
-    with `allowed` [rows, vocab], the softmax runs over each row's allowed tokens only."""
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+    with a shortlist, the softmax runs over each row's own tokens only."""
+    if shortlist is not None:
+        logits = logits.masked_fill(~shortlist.mask(logits.shape[-1]), float("-inf"))
     logp = torch.log_softmax(logits, dim=-1)
     logp[:, eos_id] = logp[:, eos_id].masked_fill(eos_blocked.bool(), float("-inf"))
     return torch.topk(logp, k, dim=-1)

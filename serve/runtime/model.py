@@ -321,8 +321,7 @@ class Decoder(nn.Module):
             norm = self.transformer.ln_f if self.cfg.has_final_layernorm else None
             return fused.lm_head_topk_triton(x, w, vocab, k, eos_id, eos_blocked, norm, shortlist)
         logits = gather_vocab(self.lm_head(self.transformer.ln_f(x)).float())[:, :vocab]
-        allowed = shortlist.mask(vocab) if shortlist is not None else None
-        return fused.topk_logprobs(logits, k, eos_id, eos_blocked, allowed)
+        return fused.topk_logprobs(logits, k, eos_id, eos_blocked, shortlist)
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
