@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -128,21 +127,24 @@ def run_engine(tr: Translator, items, concurrency: int, new_tokens: int) -> dict
 
 
 def step_time_batch1(tr: Translator, item, new_tokens: int) -> float:
+    """Seconds per decode step of one request in steady state: the wall time of its decode steps
+    after the first few, divided by their number (so host work the engine overlaps with the
+    device's counts only where it is not hidden)."""
     engine, device = tr.engine, tr.device
     engine.add(
         GenerationRequest(
             "s", *item, SamplingParams(min_new_tokens=new_tokens, max_new_tokens=new_tokens), "en"
         )
     )
-    engine.step()  # encoder + prefix
-    times = []
-    while engine.has_work():
-        sync(device)
-        t = time.perf_counter()
+    for _ in range(4):  # encoder, prefix, and the first steps
         engine.step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[2:] or times)
+    sync(device)
+    start, steps = time.perf_counter(), 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    sync(device)
+    return (time.perf_counter() - start) / max(steps, 1)
 
 
 def graph_replay_ms(tr: Translator) -> float:
@@ -220,7 +222,8 @@ def main() -> None:
         default="float16,bfloat16,int8_wo=rtn,int4_awq=rtn,int8_wo+lm_head=rtn,int4_awq+lm_head=rtn",
         help="runtime contenders: a dtype (converted here), NAME=CKPT_DIR, or int8_wo|int4_awq[+lm_head]=rtn "
         "(round-to-nearest from the fp16 checkpoint); a dtype may add +compile; any may add +shortlist "
-        "(serve synthetic per-language output vocabularies of --shortlist-size tokens)",
+        "(serve synthetic per-language output vocabularies of --shortlist-size tokens) and +no_look_ahead "
+        "(collect every step before launching the next, to measure what the overlap gains)",
     )
     ap.add_argument("--shortlist-size", type=int, default=32000,
                     help="tokens per language of +shortlist contenders (the full vocabulary is 250054)")  # fmt: skip
@@ -266,7 +269,8 @@ def main() -> None:
             if "shortlist" in flags:
                 synthetic_shortlist(ckpt, vocab, size)
             tr = Translator.load(ckpt, device=device, dtype=dtype, max_batch_size=max(levels),
-                                 compile="compile" in flags, shortlist="shortlist" in flags)  # fmt: skip
+                                 compile="compile" in flags, shortlist="shortlist" in flags,
+                                 look_ahead="no_look_ahead" not in flags)  # fmt: skip
             tr.engine.runner.capture_graphs()
             items = workload(tr.tokenizer, n_items)
             step = step_time_batch1(tr, items[0], args.new_tokens)

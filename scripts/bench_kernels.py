@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also try other tile shapes at 1 row")
     ap.add_argument("--formats", default="fp16,int8,int4", help="weight formats to time")
     ap.add_argument("--shortlist", type=int, default=32000, help="tokens of the shortlisted lm_head case")
+    ap.add_argument("--split-k", default="auto",
+                    help="K slabs to time for each linear, e.g. auto,1,2,4 (auto: the runtime's own choice)")  # fmt: skip
     args = ap.parse_args()
     results = []
     norm = torch.nn.LayerNorm(HIDDEN, device="cuda", dtype=torch.float16)
@@ -111,13 +113,14 @@ def main() -> None:
                 configs = [(None, None, 4)]
                 if args.sweep and m == 1:
                     configs += list(itertools.product((16, 32), (128, 256, 512, 1024), (4, 8)))
-                for bn, bk, warps in configs:
-                    calls = [partial(fused.linear_triton, x, w, n, block_n=bn, block_k=bk, num_warps=warps, **kw)
-                             for w in copies]  # fmt: skip
+                splits = [None if sk == "auto" else int(sk) for sk in args.split_k.split(",")]
+                for (bn, bk, warps), sk in itertools.product(configs, splits):
+                    calls = [partial(fused.linear_triton, x, w, n, block_n=bn, block_k=bk, num_warps=warps,
+                                     split_k=sk, **kw) for w in copies]  # fmt: skip
                     us = try_graph_us(calls)
                     if us is not None:
                         results.append({"rows": m, "shape": name, "fmt": fmt, "us": us,
-                                        "impl": f"fused bn={bn} bk={bk} warps={warps}"})  # fmt: skip
+                                        "impl": f"fused bn={bn} bk={bk} warps={warps} split={sk or 'auto'}"})  # fmt: skip
                 if fmt == "fp16":  # what runs without the fused kernels: LN, cuBLAS with bias, GELU, add
                     us = graph_us([partial(torch_path, x, w, **kw) for w in copies])
                     results.append({"rows": m, "shape": name, "fmt": fmt, "impl": "torch (cuBLAS)", "us": us})

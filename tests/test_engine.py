@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from serve.engine.async_engine import PytorchBackend
 from serve.engine.core import Engine, EngineConfig
 from serve.engine.errors import NotAccepting, QueueFull, RequestFailed, RequestTooLarge
 from serve.engine.request import GenerationRequest, SamplingParams
 from serve.engine.search import Hypotheses
+from serve.runtime.decode_step import LaunchedStep
 from serve.runtime.load import load_model
 from serve.tokenizer import TranslationTokenizer
 from tests.conftest import real_sentences
@@ -37,8 +39,8 @@ def model(tiny_ckpt):
     return load_model(tiny_ckpt, "cpu")
 
 
-def make_engine(model, tok, **cfg) -> Engine:
-    return Engine(*model, EngineConfig(**cfg), eos_id=tok.eos_token_id)
+def make_engine(model, tok, eos_id: int | None = None, **cfg) -> Engine:
+    return Engine(*model, EngineConfig(**cfg), eos_id=tok.eos_token_id if eos_id is None else eos_id)
 
 
 def requests(tok, n: int, beam: int = 1, max_new: int = 12) -> list[GenerationRequest]:
@@ -58,8 +60,8 @@ def requests(tok, n: int, beam: int = 1, max_new: int = 12) -> list[GenerationRe
     return out
 
 
-def run_alone(model, tok, req: GenerationRequest) -> list[int]:
-    engine = make_engine(model, tok)
+def run_alone(model, tok, req: GenerationRequest, **cfg) -> list[int]:
+    engine = make_engine(model, tok, **cfg)
     engine.add(req)
     while True:
         out = engine.step()
@@ -115,8 +117,9 @@ def test_admission_waits_for_blocks(model, tok):
     assert engine.pool.allocator.num_free == engine.pool.num_blocks
 
 
-def test_abort_frees_blocks_and_others_finish(model, tok):
-    reqs = requests(tok, 5, beam=2)
+@pytest.mark.parametrize("beam", [1, 2])
+def test_abort_frees_blocks_and_others_finish(model, tok, beam):
+    reqs = requests(tok, 5, beam=beam)
     engine = make_engine(model, tok)
     for r in reqs:
         engine.add(r)
@@ -128,18 +131,20 @@ def test_abort_frees_blocks_and_others_finish(model, tok):
     assert engine.pool.allocator.num_free == engine.pool.num_blocks
 
 
-def test_failure_in_one_request_fails_it_alone(model, tok, monkeypatch):
-    reqs = requests(tok, 4)
+@pytest.mark.parametrize("beam", [1, 2])
+def test_failure_in_one_request_fails_it_alone(model, tok, monkeypatch, beam):
+    reqs = requests(tok, 4, beam=beam)
     expected = {r.request_id: run_alone(model, tok, r) for r in reqs}
-    real_step = Hypotheses.step
+    method = "greedy" if beam == 1 else "_beam"
+    real_step = getattr(Hypotheses, method)
     failing = {}
 
-    def faulty(self, values, ids):
+    def faulty(self, *args):
         if self.params is failing.get("params") and self.num_generated == 2:
             raise RuntimeError("injected")
-        return real_step(self, values, ids)
+        return real_step(self, *args)
 
-    monkeypatch.setattr(Hypotheses, "step", faulty)
+    monkeypatch.setattr(Hypotheses, method, faulty)
     failing["params"] = reqs[2].params
     engine = make_engine(model, tok)
     for r in reqs:
@@ -148,6 +153,99 @@ def test_failure_in_one_request_fails_it_alone(model, tok, monkeypatch):
     assert set(failures) == {"r2"} and isinstance(failures["r2"], RequestFailed)
     assert results == {k: v for k, v in expected.items() if k != "r2"}
     assert engine.pool.allocator.num_free == engine.pool.num_blocks
+
+
+def test_look_ahead_gives_the_tokens_of_host_fed_steps(model, tok):
+    """Greedy steps fed the device's own choices give exactly the tokens, and finish reasons, of steps
+    the host feeds: for requests that end by EOS (after one thrown-away step), by length, or under
+    min_new_tokens. A beam request is collected before each launch while it runs."""
+    reqs = requests(tok, 8, max_new=10)
+    probe = run_alone(model, tok, reqs[0])
+    at = next(i for i in range(5, len(probe)) if probe[i] not in probe[:i])
+    eos = probe[at]  # r0 ends by this "EOS" as soon as min_new_tokens allows it; others end by it too
+    reqs[0].params = SamplingParams(max_new_tokens=10, min_new_tokens=at)
+    reqs[1].params = SamplingParams(max_new_tokens=10, min_new_tokens=8)
+    reqs[2].params = SamplingParams(beam_size=2, max_new_tokens=3)
+    outcomes, traces = [], []
+    for look_ahead in (True, False):
+        engine = make_engine(model, tok, eos_id=eos, look_ahead=look_ahead, trace_steps=1000)
+        for r in reqs:
+            engine.add(r)
+        done = {}
+        while engine.has_work():
+            out = engine.step()
+            assert not out.failures
+            done.update({r.request_id: (r.token_ids, r.finish_reason) for r in out.results})
+        assert engine.pool.allocator.num_free == engine.pool.num_blocks
+        assert sorted(engine.runner.free_rows) == list(range(engine.config.max_batch_size + 1))
+        outcomes.append(done)
+        traces.append(engine.trace)
+    assert outcomes[0] == outcomes[1] and len(outcomes[0]) == len(reqs)
+    assert outcomes[0]["r0"] == (probe[:at], "eos")
+    assert {reason for _, reason in outcomes[0].values()} == {"eos", "length"}
+    assert any(rec.looked_ahead for rec in traces[0]) and not any(rec.looked_ahead for rec in traces[1])
+    assert not any(rec.looked_ahead for rec in traces[0] if "r2" in rec.decoded)
+
+
+def test_a_failed_step_is_isolated_under_look_ahead(model, tok, monkeypatch):
+    """A whole step that fails on the device (every request in it) is decoded again request by
+    request; the step launched ahead of it is dropped, and every request still ends as alone."""
+    reqs = requests(tok, 4)
+    expected = {r.request_id: run_alone(model, tok, r) for r in reqs}
+    real_wait, waits = LaunchedStep.wait, []
+
+    def flaky(self):
+        waits.append(self)
+        if len(waits) == 4:
+            raise RuntimeError("injected device failure")
+        return real_wait(self)
+
+    monkeypatch.setattr(LaunchedStep, "wait", flaky)
+    engine = make_engine(model, tok, trace_steps=1000)
+    for r in reqs:
+        engine.add(r)
+    results, failures = drain(engine)
+    assert not failures and results == expected
+    assert len(waits) > 4 and sum(rec.looked_ahead for rec in engine.trace) > 4
+    assert engine.pool.allocator.num_free == engine.pool.num_blocks
+
+
+def no_host_wait(fn):
+    """`fn` under CUDA's sync debug mode, where anything that makes the host wait for the device raises."""
+
+    def run(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return run
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("shortlist", [False, True])
+def test_the_host_never_waits_for_the_device_before_collecting(tiny_ckpt, shortlisted_ckpt, shortlist,
+                                                               monkeypatch):  # fmt: skip
+    """Admission, launches and the encoder only queue work (CUDA's sync debug mode raises on a host
+    wait), so the host's work of a step overlaps the device's; the tokens are those of host-fed steps."""
+    from serve.runtime.translator import Translator
+
+    ckpt = shortlisted_ckpt if shortlist else tiny_ckpt
+    strict, plain = (
+        Translator.load(ckpt, device="cuda", shortlist=shortlist, look_ahead=ahead, trace_steps=1000)
+        for ahead in (True, False)
+    )
+    strict.engine.runner.capture_graphs()
+    for name in ("_admit", "_launch", "_encode"):
+        monkeypatch.setattr(strict.engine, name, no_host_wait(getattr(strict.engine, name)))
+    tok = strict.tokenizer
+    enc = tok.encode(real_sentences("zh", 12), tok.language("zh"))
+    prefix = [tok.decoder_prefix(tok.language("en"))] * len(enc)
+    for beam in (1, 2):
+        params = SamplingParams(beam_size=beam, max_new_tokens=16)
+        assert strict.generate_ids(enc, prefix, params, "en") == plain.generate_ids(enc, prefix, params, "en")
+    assert any(rec.looked_ahead for rec in strict.engine.trace)
 
 
 def test_oversized_requests_are_rejected_up_front(model, tok):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from calib import shortlist as builder
 from serve.engine.request import GenerationRequest, SamplingParams
@@ -91,6 +92,32 @@ def test_languages_without_a_list_use_the_whole_vocabulary(shortlisted_ckpt):
         assert short.generate_ids(enc, prefix, params, tgt) == expected
         while short.engine.has_work():
             short.engine.step()
+
+
+def test_union_holds_every_open_rows_tokens_and_is_rebuilt_only_when_it_must():
+    """The lm_head's gather list covers each open row's language and source; it is rebuilt when a row
+    brings a token it lacks or a language's last row closes, and kept (a superset) otherwise."""
+    vocab = 40
+    lists = shortlist_file.VocabShortlist(
+        {"zh": torch.tensor([1, 2, 3]), "ar": torch.tensor([10, 11])}, vocab, "cpu"
+    )
+    union = shortlist_file.ShortlistUnion(vocab)
+    union.open(0, lists.allowed("zh", [5]))
+    assert union.take().tolist() == [1, 2, 3, 5]
+    union.open(1, lists.allowed("zh", [2, 5]))
+    assert union.take() is None
+    union.open(2, lists.allowed("ar", [7]))
+    assert union.take().tolist() == [1, 2, 3, 5, 7, 10, 11]
+    union.close(0)
+    assert union.take() is None  # row 1 still translates into zh; row 0's source tokens may stay
+    union.open(3, lists.allowed("zh", [30]))
+    assert union.take().tolist() == [1, 2, 3, 5, 7, 10, 11, 30]
+    union.close(2)
+    assert union.take().tolist() == [1, 2, 3, 5, 30]
+    union.open(4, lists.allowed("ru", [6]))  # no list: the whole vocabulary
+    assert union.take().tolist() == list(range(vocab))
+    union.close(4)
+    assert union.take().tolist() == [1, 2, 3, 5, 30]
 
 
 def test_missing_shortlist_says_how_to_build_it(tiny_ckpt):

@@ -5,15 +5,24 @@ token budget (`max_num_tokens`) and row budget (`max_batch_size`) allow, (2) lau
 decoder step for every beam admitted before (requests new to decoding feed their forced prefix,
 the others their last token), (3) while the device runs it, launches the encoder once over the
 packed, unpadded sources of the newly admitted requests and their cross-attention K/V writes
-(their decoding starts next step), and (4) advances each request's search with the step's
-top-K, freeing the blocks of requests that finished.
+(their decoding starts next step), and (4) advances each request's search with the top-K of
+the decoder step launched before, freeing the blocks of requests that finished.
+
+So the host's work of a step (admission, building the next step, the search) overlaps the
+device's. When every decoding request is greedy, (2) comes before (4): the step feeds each
+request the token the previous step chose on the device, before the host has seen it
+(`DecodeRunner.launch` sources). A request that ends by EOS then computes one step that is
+thrown away; one that ends by length does not. Beam search needs the host's choice of beams
+first, so with any beam request (4) comes before (2). Either way a step leaves one decoder
+step in flight, which the next `step()` collects (`has_work` counts it).
 
 With a `VocabShortlist`, each request may emit only its target language's tokens and its
 source's (`serve.runtime.shortlist`); requests in languages without a list use the whole vocabulary.
 
 Capacity policy is TRT-LLM's GUARANTEED_NO_EVICT: a request is admitted only when all blocks
 it can ever need (source, prefix + max_new_tokens per beam) are reserved, so nothing is ever
-preempted. A failure inside one request fails that request alone.
+preempted. A failure inside one request fails that request alone. Blocks and rows freed while
+a step is in flight are safe to hand out again: everything that writes them is queued behind it.
 """
 
 from __future__ import annotations
@@ -28,10 +37,11 @@ import torch
 from serve.engine.errors import RequestFailed, RequestTooLarge
 from serve.engine.request import GenerationRequest, GenerationResult, SamplingParams
 from serve.engine.search import Hypotheses
-from serve.runtime.decode_step import DecodeRunner
+from serve.runtime.decode_step import HOST_TOKEN, DecodeRunner, LaunchedStep
 from serve.runtime.kv_cache import KVPool
 from serve.runtime.model import Decoder, Encoder, EncoderBatch
 from serve.runtime.shortlist import VocabShortlist
+from serve.runtime.transfer import upload
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,7 @@ class EngineConfig:
     static_batching: bool = False  # baseline: admit only into an empty batch, run it to completion
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA only)
     compile: bool = False  # torch.compile the decode step (slower start, fewer kernels per step)
+    look_ahead: bool = True  # launch greedy requests' next step before the host sees their last token
     trace_steps: int = 0  # keep a trace of the last N steps (tests, debugging)
 
 
@@ -62,23 +73,29 @@ class _Running:
 
 @dataclass
 class _Launched:
-    """A decoder step running on the device: its top-K per query row, and the rows each beam reads."""
+    """A decoder step on the device, with what collecting it needs."""
 
-    values: torch.Tensor
-    ids: torch.Tensor
-    last: list[int]
+    runs: list[_Running]
+    step: LaunchedStep | None
+    last: list[int]  # the query row of each beam, run after run
+    beams: list[int]  # beams per run
+    error: Exception | None = None  # the launch failed; collecting raises it
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Wait for the step; (log-probs, ids) [beams, K] on the CPU."""
-        return self.values.cpu()[self.last], self.ids.cpu()[self.last]
+        if self.error is not None:
+            raise self.error
+        values, ids = self.step.wait()
+        return values[self.last], ids[self.last]
 
 
 @dataclass
 class StepRecord:
     step: int
     admitted: list[str]
-    decoded: list[str]
+    decoded: list[str]  # launched this step
     finished: list[str]
+    looked_ahead: bool  # launched before the previous step was collected
 
 
 @dataclass
@@ -123,6 +140,7 @@ class Engine:
         )  # fmt: skip
         self.waiting: OrderedDict[str, GenerationRequest] = OrderedDict()
         self.running: OrderedDict[str, _Running] = OrderedDict()
+        self.inflight: _Launched | None = None  # launched by the last step, collected by the next
         self.trace: deque[StepRecord] = deque(maxlen=config.trace_steps or 1)
         self.steps = 0
         self.generated_tokens = 0
@@ -175,7 +193,7 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.inflight)
 
     @property
     def num_rows(self) -> int:
@@ -191,8 +209,8 @@ class Engine:
             cross_blocks=alloc.allocate(self.pool.blocks_for(n_src)),
             beam_blocks=[alloc.allocate(self.pool.blocks_for(self_tokens)) for _ in range(beams)],
         )
-        allowed = self.shortlist.allowed(req.target_lang, req.encoder_ids) if self.shortlist else None
-        run.rows = [self.runner.open_row(b, run.cross_blocks, n_src, allowed) for b in run.beam_blocks]
+        tokens = self.shortlist.allowed(req.target_lang, req.encoder_ids) if self.shortlist else None
+        run.rows = [self.runner.open_row(b, run.cross_blocks, n_src, tokens) for b in run.beam_blocks]
         return run
 
     def _free(self, run: _Running) -> None:
@@ -207,17 +225,25 @@ class Engine:
     def step(self) -> StepOutput:
         out = StepOutput()
         admitted = self._admit()
-        runs = list(self.running.values())[: len(self.running) - len(admitted)]  # admitted ones come last
-        decoded = [run.req.request_id for run in runs]
-        launched = self._launch(runs) if runs else None
-        if admitted:  # the encoder is launched while the device runs the decode step; it decodes next step
+        ready = list(self.running.values())[: len(self.running) - len(admitted)]  # admitted ones come last
+        prev, self.inflight = self.inflight, None
+        looked_ahead = prev is not None and self._can_look_ahead(prev, ready)
+        if looked_ahead:
+            self.inflight = self._launch_ahead(prev, ready)
+        if admitted:  # the encoder runs behind the decode step; it decodes next step
             self._encode(admitted, out)
-        if runs:
-            self._decode(runs, launched, out)
+        if prev is not None and not self._collect(prev, out):
+            self.inflight = None  # it was fed from the failed step's choices; next step feeds from the host
+        if not looked_ahead:
+            ready = [run for run in ready if self._live(run)]
+            if ready:
+                self.inflight = self._launch(ready, self._feeds(ready))
         self.steps += 1
         if self.config.trace_steps:
             finished = [r.request_id for r in out.results] + [rid for rid, _ in out.failures]
-            self.trace.append(StepRecord(self.steps, [r.req.request_id for r in admitted], decoded, finished))
+            decoded = [r.req.request_id for r in self.inflight.runs] if self.inflight else []
+            admitted_ids = [r.req.request_id for r in admitted]
+            self.trace.append(StepRecord(self.steps, admitted_ids, decoded, finished, looked_ahead))
         return out
 
     def _admit(self) -> list[_Running]:
@@ -261,62 +287,104 @@ class Engine:
         lens = [len(r.req.encoder_ids) for r in runs]
         dev = self.device
         batch = EncoderBatch(
-            tokens=torch.tensor([t for r in runs for t in r.req.encoder_ids], device=dev),
-            positions=torch.tensor([p for n in lens for p in range(n)], device=dev),
+            tokens=upload([t for r in runs for t in r.req.encoder_ids], dev),
+            positions=upload([p for n in lens for p in range(n)], dev),
             seq_lens=lens,
         )
         enc_out = self.encoder(batch)
-        slots = torch.tensor(
-            [s for r, n in zip(runs, lens, strict=True) for s in self.pool.slots(r.cross_blocks, 0, n)],
-            device=dev,
+        slots = upload(
+            [s for r, n in zip(runs, lens, strict=True) for s in self.pool.slots(r.cross_blocks, 0, n)], dev
         )
         for layer, (k, v) in enumerate(self.decoder.cross_kv(enc_out)):
             self.pool.write(layer, slots, k, v)
 
-    def _launch(self, runs: list[_Running]) -> _Launched | Exception:
-        """Start one decoder step of `runs` on the device; an error is raised by `_decode`, later."""
-        try:
-            return self._decode_batch(runs)
-        except Exception as err:
-            return err
+    def _live(self, run: _Running) -> bool:
+        """Still running (not finished, failed or aborted since it was launched)."""
+        return self.running.get(run.req.request_id) is run
 
-    def _decode(self, runs: list[_Running], launched: _Launched | Exception, out: StepOutput) -> None:
-        try:
-            if isinstance(launched, Exception):
-                raise launched
-            values, ids = launched.result()
-        except Exception:  # isolate the failing request(s); K/V rewrites are idempotent
-            for run in runs:
-                try:
-                    self._advance(run, *self._decode_batch([run]).result(), out)
-                except Exception:
-                    self._fail(run, out)
-            return
-        offset = 0
+    def _feeds(self, runs: list[_Running]) -> list[list[tuple[int, list[int], int, bool, int]]]:
+        """Per run and beam: (row, tokens, first position, EOS blocked, source), all from the host."""
+        feeds = []
         for run in runs:
-            n = 1 if run.cached == 0 else len(run.search.running)
-            try:
-                self._advance(run, values[offset : offset + n], ids[offset : offset + n], out)
-            except Exception:
-                self._fail(run, out)
-            offset += n
-
-    def _decode_batch(self, runs: list[_Running]) -> _Launched:
-        """Top-K (log-prob, id) [beams, K] of the next token of every running beam, in order (launched)."""
-        rows, tokens, positions, blocked, last = [], [], [], [], []
-        for run in runs:
+            blocked, src = run.search.eos_blocked, HOST_TOKEN
             if run.cached == 0:  # new request: feed the forced prefix on beam 0 only
-                feeds = [(run.rows[0], run.req.decoder_prefix)]
+                feeds.append([(run.rows[0], run.req.decoder_prefix, 0, blocked, src)])
             else:
-                feeds = [(row, seq[-1:]) for row, seq in zip(run.rows, run.search.running, strict=False)]
-            eos_blocked = run.search.eos_blocked
-            for row, toks in feeds:
+                beams = zip(run.rows, run.search.running, strict=False)
+                feeds.append([(row, seq[-1:], run.cached, blocked, src) for row, seq in beams])
+        return feeds
+
+    def _can_look_ahead(self, prev: _Launched, ready: list[_Running]) -> bool:
+        """Whether every ready request's next input is known without collecting `prev`: greedy
+        requests that `prev` decodes (their token is its choice) or that start with their prefix."""
+        if not self.config.look_ahead or prev.error is not None or not self.runner.can_feed(prev.step):
+            return False
+        in_prev = {id(run) for run in prev.runs}
+        return all(r.req.params.beam_size == 1 and (id(r) in in_prev or r.cached == 0) for r in ready)
+
+    def _launch_ahead(self, prev: _Launched, ready: list[_Running]) -> _Launched | None:
+        """Launch the step after `prev` for greedy requests: those in `prev` take its top-1 choice on
+        the device, at the next position; those that `prev` brings to max_new_tokens sit out."""
+        query_row = {id(run): prev.last[i] for i, run in enumerate(prev.runs)}
+        runs, feeds = [], []
+        for run in ready:
+            if id(run) not in query_row:  # starts with its prefix
+                runs.append(run)
+                feeds.extend(self._feeds([run]))
+                continue
+            generated = run.search.num_generated + 1  # once `prev` is collected
+            if generated >= run.req.params.max_new_tokens:
+                continue
+            fed = len(run.req.decoder_prefix) if run.cached == 0 else 1
+            blocked = generated < run.req.params.min_new_tokens
+            runs.append(run)
+            feeds.append([(run.rows[0], [0], run.cached + fed, blocked, query_row[id(run)])])
+        return self._launch(runs, feeds) if runs else None
+
+    def _launch(self, runs: list[_Running], feeds: list[list[tuple]]) -> _Launched:
+        """Start one decoder step of `runs` on the device; a failure is raised when it is collected."""
+        rows, tokens, positions, blocked, sources, last = [], [], [], [], [], []
+        for beams in feeds:
+            for row, toks, start, eos_blocked, src in beams:
                 rows.extend([row] * len(toks))
                 tokens.extend(toks)
-                positions.extend(range(run.cached, run.cached + len(toks)))
+                positions.extend(range(start, start + len(toks)))
                 blocked.extend([eos_blocked] * len(toks))
+                sources.extend([src] * len(toks))
                 last.append(len(rows) - 1)
-        return _Launched(*self.runner.launch(rows, tokens, positions, blocked), last)
+        beams = [len(f) for f in feeds]
+        try:
+            return _Launched(runs, self.runner.launch(rows, tokens, positions, blocked, sources), last, beams)
+        except Exception as err:
+            return _Launched(runs, None, last, beams, error=err)
+
+    def _collect(self, launched: _Launched, out: StepOutput) -> bool:
+        """Advance the searches of a launched step's live requests; False if the whole step failed
+        (each live request was then decoded alone, from the host, to isolate the failing one)."""
+        try:
+            values, ids = launched.result()
+        except Exception:  # isolate the failing request(s); K/V rewrites are idempotent
+            for run in filter(self._live, launched.runs):
+                try:
+                    values, ids = self._launch([run], self._feeds([run])).result()
+                    self._advance(run, run.search.step(values, ids), out)
+                except Exception:
+                    self._fail(run, out)
+            return False
+        top, offset = ids[:, 0].tolist(), 0  # a greedy request needs only its top-1 id
+        for run, n in zip(launched.runs, launched.beams, strict=True):
+            if self._live(run):
+                search = run.search
+                try:
+                    if search.params.beam_size == 1:
+                        parents = search.greedy(top[offset])
+                    else:
+                        parents = search.step(values[offset : offset + n], ids[offset : offset + n])
+                    self._advance(run, parents, out)
+                except Exception:
+                    self._fail(run, out)
+            offset += n
+        return True
 
     @torch.inference_mode()
     def score(self, encoder_ids: list[int], decoder_ids: list[int]) -> torch.Tensor:
@@ -331,10 +399,10 @@ class Engine:
         finally:
             self._free(run)
 
-    def _advance(self, run: _Running, values: torch.Tensor, ids: torch.Tensor, out: StepOutput) -> None:
-        """Feed one step's top-K candidates to the request's search and fork beams' K/V."""
+    def _advance(self, run: _Running, parents: list[int], out: StepOutput) -> None:
+        """Account for a step the request's search has taken: finish it, or fork beams' K/V
+        (`parents`: the beam each new beam continues)."""
         fed = len(run.req.decoder_prefix) if run.cached == 0 else 1
-        parents = run.search.step(values, ids)
         run.cached += fed
         self.generated_tokens += 1
         if run.first_token_time is None:

@@ -53,10 +53,11 @@ class Hypotheses:
         Returns, per new running beam, the index of the beam it continues.
         """
         if self.params.beam_size == 1:
-            return self._greedy(int(ids[0, 0]))
+            return self.greedy(int(ids[0, 0]))
         return self._beam(values, ids)
 
-    def _greedy(self, token: int) -> list[int]:
+    def greedy(self, token: int) -> list[int]:
+        """Take the top-1 token (the engine calls this directly, with the id it already read)."""
         self.running[0].append(token)
         if token == self.eos_id or self.num_generated >= self.params.max_new_tokens:
             self.finished[0] = self.running[0]

@@ -1,11 +1,15 @@
 """One decoder step and its token choice on the device, optionally replayed as a CUDA graph.
 
 Block tables live on the device in fixed "rows" (one per running beam), written once when a
-request is admitted. A step then uploads only four integers per query row (row, token,
-position, EOS-blocked) in one copy; slots, context lengths and tables are derived on the
+request is admitted. A step then uploads only five integers per query row (row, token,
+position, EOS-blocked, token source) in one copy; slots, context lengths and tables are derived on the
 device. The step returns, for every query row, the top-K log-probabilities and token ids:
 all greedy (K=1) and beam search (the best 2*beam of each beam contain the best 2*beam
-overall) need, so only [rows, K] numbers come back instead of [rows, vocab] logits.
+overall) need, so only [rows, K] numbers come back instead of [rows, vocab] logits. They are
+copied to the host as the step ends, and `launch` returns before that: the engine prepares
+the next step meanwhile. A query row may take its input token from the previous launch's top-1
+choice on the device (`sources`), so a greedy request's next step can be launched before the
+host has seen its last token.
 
 On CUDA, steps of up to `max_rows` query rows replay CUDA graphs captured per row-count
 bucket; padding rows point at a scratch row whose blocks no sequence owns.
@@ -13,13 +17,33 @@ bucket; padding rows point at a scratch row whose blocks no sequence owns.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from serve.runtime.fused import Shortlist
 from serve.runtime.kv_cache import KVPool
 from serve.runtime.model import Decoder, DecoderBatch
+from serve.runtime.shortlist import RowTokens, ShortlistUnion
+from serve.runtime.transfer import upload
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+HOST_TOKEN = -1  # `sources` entry of a query row whose token the host gives
+
+
+@dataclass
+class LaunchedStep:
+    """A decode step on its way: its top-K (log-prob, id) [rows, K] on the host once `wait` returns."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+    done: torch.cuda.Event | None  # None: already done (CPU)
+    rows: int
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.values, self.ids
 
 
 class DecodeRunner:
@@ -36,38 +60,48 @@ class DecodeRunner:
         self.cross_lens = torch.ones(num_rows + 1, dtype=torch.long, device=dev)
         self.host_cross_lens = [1] * (num_rows + 1)  # to trim eager steps to the longest source
         self.free_rows = list(range(num_rows - 1, -1, -1))
-        # with a shortlist: the tokens each row may emit (the scratch row none, so padding adds none)
-        self.allowed = (
-            torch.zeros(num_rows + 1, decoder.cfg.vocab_size, dtype=torch.uint8, device=dev)
-            if shortlist
-            else None
-        )
+        # with a shortlist: the tokens each row may emit (the scratch row none, so padding adds none),
+        # and the ascending ids any open row may emit (`union_ids[:union_count]`), which the lm_head reads
+        vocab = decoder.cfg.vocab_size
+        self.allowed = torch.zeros(num_rows + 1, vocab, dtype=torch.uint8, device=dev) if shortlist else None
+        self.union = ShortlistUnion(vocab) if shortlist else None
+        self.union_ids = torch.zeros(vocab, dtype=torch.int32, device=dev)
+        self.union_count = torch.zeros(1, dtype=torch.int32, device=dev)
         self.buckets = ([b for b in BUCKETS if b < max_rows] + [max_rows]) if use_graphs else []
         self.graphs: dict[
             int, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
         ] = {}
         self._mempool = None
+        # the top-1 id of each query row of the latest launch, which the next launch may feed back
+        self.chosen = torch.zeros(max(max_rows, 1), dtype=torch.long, device=dev)
         # torch.compile fuses the small per-layer kernels (norms, bias adds, GELU) between GEMMs.
         self._step = torch.compile(self._topk, dynamic=True) if compile else self._topk
-        pad = torch.tensor([[self.scratch_row], [0], [0], [0]], device=dev)
-        self._padding = pad.expand(4, max(self.buckets, default=1))  # query rows that do nothing
+        pad = torch.tensor([[self.scratch_row], [0], [0], [0], [HOST_TOKEN]], device=dev)
+        self._padding = pad.expand(5, max(self.buckets, default=1))  # query rows that do nothing
 
     # ---- rows -------------------------------------------------------------------------------
     def open_row(self, blocks: list[int], cross_blocks: list[int], cross_len: int,
-                 allowed: torch.Tensor | None = None) -> int:  # fmt: skip
+                 tokens: RowTokens | None = None) -> int:  # fmt: skip
         """Claim a row for one beam: its self-attention blocks, its source's cross blocks and, under a
-        shortlist, the tokens it may emit (uint8 [vocab]; None: all)."""
+        shortlist, the tokens it may emit (None: all). Nothing here waits for the device."""
         row = self.free_rows.pop()
         if self.allowed is not None:
-            self.allowed[row] = 1 if allowed is None else allowed
-        self.tables[row, : len(blocks)] = torch.tensor(blocks, device=self.device)
-        self.cross_tables[row, : len(cross_blocks)] = torch.tensor(cross_blocks, device=self.device)
-        self.cross_lens[row] = cross_len
+            if tokens is None:
+                self.allowed[row].fill_(1)
+            else:
+                self.allowed[row] = tokens.bits
+                self.allowed[row].index_fill_(0, upload(tokens.source_ids, self.device), 1)
+            self.union.open(row, tokens)
+        self.tables[row, : len(blocks)] = upload(blocks, self.device)
+        self.cross_tables[row, : len(cross_blocks)] = upload(cross_blocks, self.device)
+        self.cross_lens[row].fill_(cross_len)  # (an item assignment would wait for the device)
         self.host_cross_lens[row] = cross_len
         return row
 
     def close_row(self, row: int) -> None:
         self.free_rows.append(row)
+        if self.union is not None:
+            self.union.close(row)
 
     # ---- steps ------------------------------------------------------------------------------
     def batch(self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
@@ -94,25 +128,56 @@ class DecodeRunner:
         return self.decoder(self.batch(*t, self._widths(rows, positions)), self.pool.layers).cpu()
 
     def _topk(self, inputs: torch.Tensor, widths: tuple[int, int] | None = None):
-        rows, tokens, positions, eos_blocked = inputs
+        rows, tokens, positions, eos_blocked, sources = inputs
+        tokens = torch.where(sources == HOST_TOKEN, tokens, self.chosen[sources.clamp(min=0)])
         batch = self.batch(rows, tokens, positions, widths)
-        shortlist = Shortlist.of(self.allowed, rows) if self.allowed is not None else None
-        return self.decoder.topk(batch, self.pool.layers, self.k, self.eos_id, eos_blocked, shortlist)
+        shortlist = None
+        if self.allowed is not None:
+            shortlist = Shortlist(self.allowed, rows, self.union_ids, self.union_count)
+        values, ids = self.decoder.topk(batch, self.pool.layers, self.k, self.eos_id, eos_blocked, shortlist)
+        n = min(ids.shape[0], self.chosen.numel())
+        self.chosen[:n] = ids[:n, 0]
+        return values, ids
 
-    def launch(self, rows: list[int], tokens: list[int], positions: list[int], eos_blocked: list[bool]):
-        """Top-k (log-prob, id) [len(rows), k] of the next token of each query row, without waiting:
-        device tensors, valid until the next launch."""
+    def can_feed(self, launched: LaunchedStep) -> bool:
+        """Whether the next launch may take tokens from every query row of `launched`."""
+        return launched.rows <= self.chosen.numel()
+
+    def launch(self, rows: list[int], tokens: list[int], positions: list[int], eos_blocked: list[bool],
+               sources: list[int] | None = None) -> LaunchedStep:  # fmt: skip
+        """Start the step of these query rows and return without waiting for it.
+
+        `sources[i]`, where not `HOST_TOKEN`, is a query row of the previous launch whose top-1
+        id row i takes as its token instead of `tokens[i]`.
+        """
         n = len(rows)
-        packed = torch.tensor([rows, tokens, positions, eos_blocked], dtype=torch.long)
+        if sources is None:
+            sources = [HOST_TOKEN] * n
+        packed = torch.tensor([rows, tokens, positions, eos_blocked, sources], dtype=torch.long)
+        self._refresh_union()
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
-            values, ids = self._step(packed.to(self.device), self._widths(rows, positions))
+            values, ids = self._step(upload(packed, self.device), self._widths(rows, positions))
         else:
             graph, static, (values, ids) = self._graph(bucket)
-            static[:, :n].copy_(packed, non_blocking=True)
+            static[:, :n].copy_(packed.pin_memory(), non_blocking=True)  # queued: no host wait
             static[:, n:] = self._padding[:, : bucket - n]
             graph.replay()
-        return values[:n], ids[:n]
+        if self.device.type != "cuda":
+            return LaunchedStep(values[:n], ids[:n], None, n)
+        done = torch.cuda.Event()
+        step = LaunchedStep(
+            values[:n].to("cpu", non_blocking=True), ids[:n].to("cpu", non_blocking=True), done, n
+        )
+        done.record()
+        return step
+
+    def _refresh_union(self) -> None:
+        """Upload the union of the open rows' tokens if it changed (`ShortlistUnion.take`)."""
+        ids = self.union.take() if self.union is not None else None
+        if ids is not None:
+            self.union_ids[: len(ids)] = upload(ids, self.device, torch.int32)
+            self.union_count.fill_(len(ids))
 
     def capture_graphs(self) -> None:
         """Capture every bucket's graph now (compiling its kernels), so that no request waits for one."""
@@ -122,12 +187,14 @@ class DecodeRunner:
     def _graph(self, n: int):
         if n not in self.graphs:
             static = self._padding[:, :n].clone()
+            chosen = self.chosen.clone()  # a capture may come between a launch and the one it feeds
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):  # compile/warm kernels outside the capture
                     self._step(static)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            self.chosen.copy_(chosen)
             self._mempool = self._mempool or torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._mempool):

@@ -12,6 +12,10 @@ into its epilogue. Weights stay in the checkpoint's layout and are dequantized i
 | INT8 (W8A16) | int8 [K, N], stored K-contiguous at load (`quant.kernel_layout`) | per output channel [N] |
 | INT4 (W4A16_AWQ) | int8 [N/2, K], rows 2j / 2j+1 in the low / high nibble | [N, K/group], x scaled by [K] first |
 
+A decode-shaped layer can have fewer output tiles than the GPU has SMs; where it also has a long
+K loop (the FFN output, every int4 layer), `_split_k` splits K across programs, and the last
+program of each tile sums the partials in a fixed order, so results stay deterministic.
+
 `lm_head_topk_triton` runs the final LayerNorm and the lm_head the same way, but never writes the
 [rows, vocab] logits: each program reduces its vocabulary tile to a softmax partial (max, sum
 of exponentials) and its local top-K, and a small merge gives each row's top-K log-probabilities.
@@ -49,6 +53,10 @@ ACT_CODES = {None: 0, "gelu": 1, "gelu_new": 2, "relu": 3}
 # (`scripts/bench_kernels.py`); more rows take the reference. The lm_head top-K pays at every batch.
 MAX_ROWS = 16
 LM_HEAD_MAX_ROWS = 256
+# The most programs a split-K linear launches (the H100 has 132 SMs), and the lock table's size
+SPLIT_PROGRAMS = {FLOAT: 128, INT8: 128, INT4: 256}
+LOCKS = 4096
+_LOCKS: dict[torch.device, torch.Tensor] = {}
 ENABLED = os.environ.get("MT_FUSED", "1") != "0"
 
 
@@ -107,20 +115,21 @@ if triton is not None:
         return mean, 1.0 / tl.sqrt(sq / K + eps)
 
     @triton.jit
-    def _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, cols, n_ok, N, K, eps, stride_xm,
-                     stride_wn, stride_wk, stride_sn, FMT: tl.constexpr, GROUP: tl.constexpr, HAS_LN: tl.constexpr,
-                     GATHER: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):  # fmt: skip
-        """fp32 [BLOCK_M, BLOCK_N] tile of LN(x) W^T for output columns `cols`: program_id(0)'s
-        contiguous block, or any ids with GATHER (the lm_head over a shortlist)."""
+    def _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, cols, n_ok, N, K, k_lo, k_hi, eps,
+                     stride_xm, stride_wn, stride_wk, stride_sn, FMT: tl.constexpr, GROUP: tl.constexpr,
+                     HAS_LN: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        """fp32 [BLOCK_M, BLOCK_N] tile of LN(x) W^T over inputs k_lo..k_hi (a multiple of BLOCK_K apart,
+        or up to K) for output columns `cols`: program_id(0)'s contiguous block, or any ids with
+        GATHER (the lm_head over a shortlist). The LayerNorm statistics always cover all K inputs."""
         rk = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + rm[:, None] * stride_xm
         if HAS_LN:
             mean, rstd = _row_stats(x_rows, m_ok, K, eps, BLOCK_M, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
-            k_ok = kk < K
+            k_ok = kk < k_hi
             a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if HAS_LN:  # masked columns get gamma = beta = 0, so they stay zero
                 g = tl.load(g_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
@@ -155,18 +164,41 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _linear_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, bias_ptr, res_ptr, y_ptr, M, N, K, eps,
-                       stride_xm, stride_wn, stride_wk, stride_sn, stride_rm, stride_ym, FMT: tl.constexpr,
-                       GROUP: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                       HAS_RES: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):  # fmt: skip
+    def _linear_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, lock_ptr, M,
+                       N, K, eps, stride_xm, stride_wn, stride_wk, stride_sn, stride_rm, stride_ym,
+                       FMT: tl.constexpr, GROUP: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       ACT: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        # With SPLIT_K > 1, program_id(2) takes one slab of K: it stores its partial tile in the
+        # workspace and counts itself in the tile's lock; the last to arrive sums the partials in
+        # slab order (so results do not depend on arrival order), resets the lock for the next
+        # launch (or graph replay), and runs the epilogue.
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = rm < M
-        acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, rn, rn < N, N, K, eps,
-                           stride_xm, stride_wn, stride_wk, stride_sn, FMT, GROUP, HAS_LN, False, IEEE, BLOCK_M,
-                           BLOCK_N, BLOCK_K)  # fmt: skip
         ok = m_ok[:, None] & (rn < N)[None, :]
+        slab = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_lo = tl.program_id(2) * slab
+        acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, rn, rn < N, N, K, k_lo,
+                           tl.minimum(K, k_lo + slab), eps, stride_xm, stride_wn, stride_wk, stride_sn, FMT, GROUP,
+                           HAS_LN, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        if SPLIT_K == 1:
+            _epilogue(acc, bias_ptr, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RES)  # fmt: skip
+        else:
+            parts = ws_ptr + rm[:, None] * N + rn[None, :]
+            tl.store(parts + tl.program_id(2) * M * N, acc, mask=ok)
+            lock = lock_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+            arrived = tl.atomic_add(lock, 1, sem="acq_rel")  # releases this store, acquires the others'
+            if arrived == SPLIT_K - 1:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for i in tl.static_range(SPLIT_K):
+                    acc += tl.load(parts + i * M * N, mask=ok, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(lock, 0)
+                _epilogue(acc, bias_ptr, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RES)  # fmt: skip
+
+    @triton.jit
+    def _epilogue(acc, bias_ptr, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS: tl.constexpr,
+                  ACT: tl.constexpr, HAS_RES: tl.constexpr):  # fmt: skip
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if ACT == 1:
@@ -203,8 +235,8 @@ if triton is not None:
             cols = pos
             if SHORTLIST:
                 cols = tl.load(ids_ptr + pos, mask=valid, other=0)
-            acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, cols, valid, N, K, eps,
-                               stride_xm, stride_wn, stride_wk, stride_sn, FMT, GROUP, HAS_LN, SHORTLIST, IEEE,
+            acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, cols, valid, N, K, 0, K,
+                               eps, stride_xm, stride_wn, stride_wk, stride_sn, FMT, GROUP, HAS_LN, SHORTLIST, IEEE,
                                BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
             keep = valid[None, :]
             if SHORTLIST:
@@ -266,6 +298,25 @@ def _tiles(w: Weights, n: int) -> tuple[int, int]:
     return (16, 512) if n <= 2048 else (32, 256)
 
 
+def _split_k(fmt: int, tiles: int, k: int, bk: int) -> int:
+    """K slabs per output tile. A decode-shaped layer with few output tiles leaves SMs idle while
+    each program runs a long K loop, so its K is split into slabs of at least two BLOCK_K
+    iterations while the programs stay within SPLIT_PROGRAMS. Measured at one row on the H100
+    (`scripts/bench_kernels.py --split-k`): int4 proj 27 -> 8 us, int8 proj 12 -> 9 us; layers
+    with 96 or more float/int8 tiles only lose by it, while int4's slow unpacking pays up to 256."""
+    split = 1
+    while tiles * split * 2 <= min(SPLIT_PROGRAMS[fmt], LOCKS) and k >= bk * split * 4:
+        split *= 2
+    return split
+
+
+def _locks(device: torch.device) -> torch.Tensor:
+    """Per-tile arrival counters of split-K launches; zero between launches (each resets its own)."""
+    if device not in _LOCKS:
+        _LOCKS[device] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
+    return _LOCKS[device]
+
+
 def _cap_k(bm: int, bn: int, bk: int, elem: int) -> int:
     """BLOCK_K (a power of two, so it still divides an int4 group) capped so that one pipeline stage
     of x and weight tiles fits 72 KiB of shared memory (three stages fit an H100's 227 KiB)."""
@@ -295,7 +346,7 @@ def _common(x: torch.Tensor, w: Weights, norm: torch.nn.LayerNorm | None):
 def linear_triton(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | None = None,
                   norm: torch.nn.LayerNorm | None = None, act: str | None = None,
                   residual: torch.Tensor | None = None, block_n: int | None = None,
-                  block_k: int | None = None, num_warps: int = 4) -> torch.Tensor:  # fmt: skip
+                  block_k: int | None = None, num_warps: int = 4, split_k: int | None = None) -> torch.Tensor:  # fmt: skip
     """act(LN(x) W^T + bias)[:, :n] + residual in one launch (see the module docstring)."""
     x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
     m, k = x2.shape
@@ -304,12 +355,15 @@ def linear_triton(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | None
     bn, bk = _tiles(w, n)
     bm, bn = _block_m(m), block_n or bn
     bk = _cap_k(bm, bn, block_k or bk, x.element_size())
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+    split = split_k or _split_k(w.fmt, grid[0] * grid[1], k, bk)
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     wn, wk = w.n_k_strides()
-    _linear_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
-        x2, w.weight, s, pre, g, beta, bias if bias is not None else y, res, y, m, n, k, eps, x2.stride(0),
-        wn, wk, sn, res.stride(0), y.stride(0), FMT=w.fmt, GROUP=w.group, HAS_LN=norm is not None,
+    _linear_kernel[(*grid, split)](
+        x2, w.weight, s, pre, g, beta, bias if bias is not None else y, res, y, ws, _locks(x.device), m, n, k, eps,
+        x2.stride(0), wn, wk, sn, res.stride(0), y.stride(0), FMT=w.fmt, GROUP=w.group, HAS_LN=norm is not None,
         HAS_BIAS=bias is not None, ACT=ACT_CODES[act], HAS_RES=residual is not None,
-        IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps,
+        IEEE=x.dtype == torch.float32, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
 

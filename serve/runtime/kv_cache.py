@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from serve.runtime.kernels import write_kv
+from serve.runtime.transfer import upload
 
 
 class OutOfBlocks(RuntimeError):
@@ -86,8 +87,8 @@ class KVPool:
         """dst[i] <- src[i] in every layer (beam search forks a beam into another's blocks)."""
         if not src:
             return
-        s = torch.tensor(src, device=self.layers[0][0].device)
-        d = torch.tensor(dst, device=s.device)
+        s = upload(src, self.layers[0][0].device)
+        d = upload(dst, s.device)
         for k_pool, v_pool in self.layers:
             k_pool[d] = k_pool[s]
             v_pool[d] = v_pool[s]

@@ -23,6 +23,7 @@ from serve.runtime import fused, tp
 from serve.runtime.fused import ACTIVATIONS
 from serve.runtime.kernels import paged_attention, write_kv
 from serve.runtime.layers import Embedding, LayerNorm, Linear
+from serve.runtime.transfer import upload
 
 MASKED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -130,31 +131,26 @@ class PackedLayout:
 
     @classmethod
     def of(cls, seq_lens: list[int], device: torch.device) -> PackedLayout:
-        n, lens = len(seq_lens), torch.tensor(seq_lens, device=device)
-        seq_idx = torch.repeat_interleave(torch.arange(n, device=device), lens)
+        n, lens = len(seq_lens), upload(seq_lens, device)
+        seq_idx = torch.repeat_interleave(torch.arange(n, device=device), lens, output_size=sum(seq_lens))
         starts = torch.cumsum(lens, 0) - lens
         pos_in_seq = torch.arange(int(sum(seq_lens)), device=device) - starts[seq_idx]
         mask = (torch.arange(max(seq_lens), device=device)[None, :] < lens[:, None])[:, None, None, :]
         return cls(seq_idx, pos_in_seq, mask, n, max(seq_lens))
 
 
-def packed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, scale: float
-) -> torch.Tensor:
-    """Bidirectional attention within each packed sequence: [T, h, d] -> [T, h, d].
+def packed_attention(qkv: torch.Tensor, layout: PackedLayout, scale: float) -> torch.Tensor:
+    """Bidirectional attention within each packed sequence: q, k, v [T, 3, h, d] -> [T, h, d].
 
-    Scatters into a padded [B, h, S, d] batch for one SDPA call. cuDNN's backend is left out: it
-    plans each new (batch, length) shape, which cost about 20 ms per encoder layer on an H100
-    (`scripts/profile_step.py`), and every admission brings a new shape.
+    Scatters into a padded [B, S, 3, h, d] batch (one scatter for all three) for one SDPA call.
+    cuDNN's backend is left out: it plans each new (batch, length) shape, which cost about 20 ms
+    per encoder layer on an H100 (`scripts/profile_step.py`), and every admission brings a new shape.
     """
-
-    def pad(x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(layout.batch, layout.max_len, *x.shape[1:])
-        out[layout.seq_idx, layout.pos_in_seq] = x
-        return out.transpose(1, 2)
-
+    padded = qkv.new_zeros(layout.batch, layout.max_len, *qkv.shape[1:])
+    padded[layout.seq_idx, layout.pos_in_seq] = qkv
+    q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, S, d] each
     with sdpa_kernel(MASKED_SDPA_BACKENDS):
-        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=layout.mask, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, scale=scale)
     return out.transpose(1, 2)[layout.seq_idx, layout.pos_in_seq]
 
 
@@ -220,8 +216,8 @@ class EncoderLayer(Block):
 
     def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         att, norm = self.attention, self.attention_layernorm
-        q, k, v = att.heads_of(self.project_in(x, norm, att.qkv)).unbind(1)
-        x = self.project_out(packed_attention(q, k, v, layout, att.scale).flatten(1), norm, att.dense, x)
+        qkv = att.heads_of(self.project_in(x, norm, att.qkv))
+        x = self.project_out(packed_attention(qkv, layout, att.scale).flatten(1), norm, att.dense, x)
         return self.mlp_block(x)
 
 

@@ -15,8 +15,11 @@ ids that language may emit; metadata `vocab_size` (the tokenizer's) and `format`
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -46,12 +49,23 @@ def read(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
         return {lang: f.get_tensor(lang) for lang in f.keys()}, int(meta["vocab_size"])  # noqa: SIM118
 
 
+@dataclass(frozen=True)
+class RowTokens:
+    """What one request may emit: its target language's tokens and its source's."""
+
+    lang: str
+    bits: torch.Tensor  # uint8 [vocab] on the device: the language's tokens
+    lang_ids: np.ndarray  # the same, as ascending ids on the host
+    source_ids: list[int]
+
+
 class VocabShortlist:
-    """The allow bits of each request's decoder rows, built from a checkpoint's shortlists."""
+    """Each language's list, on the device as allow bits and on the host as ids."""
 
     def __init__(self, lists: dict[str, torch.Tensor], vocab_size: int, device: torch.device | str):
         self.vocab_size, self.device = vocab_size, torch.device(device)
         self.languages = sorted(lists)
+        self._ids = {lang: ids.long().numpy() for lang, ids in lists.items()}
         self._bits = {}
         for lang, ids in lists.items():
             bits = torch.zeros(vocab_size, dtype=torch.uint8)
@@ -66,11 +80,50 @@ class VocabShortlist:
                              f"the model has {vocab_size}")  # fmt: skip
         return cls(lists, vocab_size, device)
 
-    def allowed(self, lang: str | None, source_ids: list[int]) -> torch.Tensor | None:
-        """uint8 [vocab_size]: `lang`'s tokens and the source's; None (everything) without a list."""
-        bits = self._bits.get(lang) if lang is not None else None
-        if bits is None:
+    def allowed(self, lang: str | None, source_ids: list[int]) -> RowTokens | None:
+        """`lang`'s tokens and the source's; None (everything) without a list."""
+        if lang not in self._ids:
             return None
-        bits = bits.clone()
-        bits[torch.tensor(source_ids, device=self.device)] = 1
-        return bits
+        return RowTokens(lang, self._bits[lang], self._ids[lang], list(source_ids))
+
+
+class ShortlistUnion:
+    """The tokens some open decoder row may emit, kept on the host.
+
+    The lm_head reads only these rows of its weight, so the device needs the ascending ids of the
+    union. Rebuilding them takes passes over the vocabulary, so it happens only when a newly opened
+    row may emit a token the union lacks, or the last row into a language closes; other closed
+    rows' source tokens stay until then (a superset is correct: each row is still masked to its
+    own tokens).
+    """
+
+    def __init__(self, vocab_size: int):
+        self.rows: dict[int, RowTokens | None] = {}
+        self.member = np.zeros(vocab_size, dtype=bool)
+        self.langs: Counter[str | None] = Counter()  # open rows per language; None: the whole vocabulary
+        self.stale = True
+
+    def open(self, row: int, tokens: RowTokens | None) -> None:
+        lang = tokens.lang if tokens is not None else None
+        self.stale |= not self.langs[lang] or (lang is not None and not self.member[tokens.source_ids].all())
+        self.rows[row] = tokens
+        self.langs[lang] += 1
+
+    def close(self, row: int) -> None:
+        tokens = self.rows.pop(row)
+        lang = tokens.lang if tokens is not None else None
+        self.langs[lang] -= 1
+        self.stale |= not self.langs[lang]
+
+    def take(self) -> np.ndarray | None:
+        """The union's ascending ids if it changed since the last call, else None."""
+        if not self.stale:
+            return None
+        self.member[:] = self.langs[None] > 0
+        for t in {t.lang: t for t in self.rows.values() if t is not None}.values():
+            self.member[t.lang_ids] = True
+        for t in self.rows.values():
+            if t is not None:
+                self.member[t.source_ids] = True
+        self.stale = False
+        return np.flatnonzero(self.member)
