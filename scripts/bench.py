@@ -271,7 +271,7 @@ def main() -> None:
             tr = Translator.load(ckpt, device=device, dtype=dtype, max_batch_size=max(levels),
                                  compile="compile" in flags, shortlist="shortlist" in flags,
                                  look_ahead="no_look_ahead" not in flags)  # fmt: skip
-            tr.engine.runner.capture_graphs()
+            tr.engine.warm_up()
             items = workload(tr.tokenizer, n_items)
             step = step_time_batch1(tr, items[0], args.new_tokens)
             share = (size + len(items[0][0])) / vocab if "shortlist" in flags else 1.0

@@ -236,7 +236,7 @@ def test_the_host_never_waits_for_the_device_before_collecting(tiny_ckpt, shortl
         Translator.load(ckpt, device="cuda", shortlist=shortlist, look_ahead=ahead, trace_steps=1000)
         for ahead in (True, False)
     )
-    strict.engine.runner.capture_graphs()
+    strict.engine.warm_up()
     for name in ("_admit", "_launch", "_encode"):
         monkeypatch.setattr(strict.engine, name, no_host_wait(getattr(strict.engine, name)))
     tok = strict.tokenizer

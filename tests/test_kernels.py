@@ -88,7 +88,7 @@ def test_cuda_graph_decode_matches_eager(tiny_ckpt, shortlisted_ckpt):
         enc, prefix, params, "en"
     )
     runner = graphed.engine.runner
-    runner.capture_graphs()  # what the server does at start-up
+    graphed.engine.warm_up()  # what the server does at start-up
     assert set(runner.graphs) == set(runner.buckets)
     params = SamplingParams(beam_size=2, max_new_tokens=20)
     assert graphed.generate_ids(enc, prefix, params) == eager.generate_ids(enc, prefix, params)

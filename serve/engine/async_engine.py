@@ -72,7 +72,7 @@ def build_engine(ckpt_dir: Path, s: BackendSettings, eos_id: int, device: torch.
         cfg.num_kv_blocks = max(1, min(budget, useful))
     shortlist = VocabShortlist.load(ckpt_dir, decoder.cfg.vocab_size, device) if s.shortlist else None
     engine = Engine(encoder, decoder, cfg, eos_id=eos_id, device=device, shortlist=shortlist)
-    engine.runner.capture_graphs()  # every rank, in the same order: graphs hold the TP collectives
+    engine.warm_up()  # every rank, in the same order: graphs hold the TP collectives
     return engine
 
 

@@ -145,6 +145,18 @@ class Engine:
         self.steps = 0
         self.generated_tokens = 0
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile every kernel variant a request can meet before the first one arrives (on CUDA):
+        each bucket's decode graph, and the encoder at lengths that reach each row-tile size of the
+        fused kernels with and without a multiple of 16 rows (Triton specializes on that)."""
+        self.runner.capture_graphs()
+        if self.device.type != "cuda":
+            return
+        for n in sorted({min(n, self.max_positions) for n in (1, 3, 16, 17, 32, 33, 64)}):
+            ids = upload([self.eos_id] * n, self.device)
+            self.encoder(EncoderBatch(ids, upload(list(range(n)), self.device), [n]))
+
     @staticmethod
     def max_useful_blocks(config: EngineConfig, max_positions: int) -> int:
         """Blocks for a full batch of maximum-length sources and targets: more could never be used."""

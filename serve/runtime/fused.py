@@ -49,9 +49,11 @@ ACTIVATIONS = {  # TRT-LLM hidden_act names
     "relu": F.relu,
 }
 ACT_CODES = {None: 0, "gelu": 1, "gelu_new": 2, "relu": 3}
-# Rows up to which the kernels beat cuBLAS plus separate norm/activation/add kernels on the H100
-# (`scripts/bench_kernels.py`); more rows take the reference. The lm_head top-K pays at every batch.
-MAX_ROWS = 16
+# Rows up to which the kernels pay on the H100 (`scripts/bench_kernels.py --rows ...`); more rows take
+# the reference. fp16: cuBLAS plus separate norm/activation/add kernels is faster from 17 rows on.
+# int8/int4: the reference dequantizes the whole weight for cuBLAS, so the kernels pay up to 64
+# rows; at 128 the dequantizing path wins for the wide layers. The lm_head top-K pays at every batch.
+MAX_ROWS = {FLOAT: 16, INT8: 64, INT4: 64}
 LM_HEAD_MAX_ROWS = 256
 # The most programs a split-K linear launches (the H100 has 132 SMs), and the lock table's size
 SPLIT_PROGRAMS = {FLOAT: 128, INT8: 128, INT4: 256}
@@ -324,10 +326,12 @@ def _cap_k(bm: int, bn: int, bk: int, elem: int) -> int:
     return min(bk, 1 << (cap.bit_length() - 1))
 
 
-def usable(x: torch.Tensor, w: Weights | None, max_rows: int = MAX_ROWS) -> bool:
+def usable(x: torch.Tensor, w: Weights | None, max_rows: int | None = None) -> bool:
     """Whether the Triton kernels can run this input (else the reference runs)."""
     rows = x.numel() // x.shape[-1]
-    return ENABLED and w is not None and kernels.triton_ok(x) and 0 < rows <= max_rows
+    if not (ENABLED and w is not None and kernels.triton_ok(x)):
+        return False
+    return 0 < rows <= (max_rows or MAX_ROWS[w.fmt])
 
 
 def _common(x: torch.Tensor, w: Weights, norm: torch.nn.LayerNorm | None):
