@@ -147,19 +147,19 @@ def step_time_batch1(tr: Translator, item, new_tokens: int) -> float:
     return (time.perf_counter() - start) / max(steps, 1)
 
 
-def graph_replay_ms(tr: Translator) -> float:
-    """GPU time of the batch-1 decode graph alone (the step minus host-side scheduling)."""
-    graph = tr.engine.runner.graphs.get(1)
+def graph_replay_ms(tr: Translator, rows: int = 1, n: int = 50) -> float:
+    """GPU time of the `rows` decode graph alone (the step minus host-side scheduling)."""
+    graph = tr.engine.runner.graphs.get(rows)
     if graph is None:
         return float("nan")
     for _ in range(3):
         graph[0].replay()
     sync(tr.device)
     t = time.perf_counter()
-    for _ in range(50):
+    for _ in range(n):
         graph[0].replay()
     sync(tr.device)
-    return (time.perf_counter() - t) / 50 * 1e3
+    return (time.perf_counter() - t) / n * 1e3
 
 
 def run_hf(model, pad_id: int, items, concurrency: int, new_tokens: int, device: torch.device) -> dict:

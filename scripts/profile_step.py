@@ -17,7 +17,6 @@ import json
 import pstats
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convert.__main__ import convert_checkpoint  # noqa: E402
 from convert.tiny import LARGE_DIMS, build_tiny_mbart  # noqa: E402
-from scripts.bench import run_engine, sync, workload  # noqa: E402
+from scripts.bench import graph_replay_ms, run_engine, sync, workload  # noqa: E402
 from serve.runtime.translator import Translator  # noqa: E402
 
 
@@ -48,18 +47,6 @@ def kernel_table(tr: Translator, rows: int) -> list[dict]:
         g["count"] += 1
         g["us"] += e.device_time
     return sorted(groups.values(), key=lambda g: -g["us"])
-
-
-def replay_ms(tr: Translator, rows: int, n: int = 50) -> float:
-    graph = tr.engine.runner.graphs[rows][0]
-    for _ in range(3):
-        graph.replay()
-    sync(tr.device)
-    t = time.perf_counter()
-    for _ in range(n):
-        graph.replay()
-    sync(tr.device)
-    return (time.perf_counter() - t) / n * 1e3
 
 
 def host_profile(tr: Translator, items, rows: int, new_tokens: int) -> tuple[float, str]:
@@ -95,7 +82,7 @@ def main() -> None:
     report: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": args.rows}
     run_engine(tr, items[: args.rows], args.rows, 4)  # capture the graphs this load uses
     if cuda:
-        report["replay_ms"] = {r: replay_ms(tr, r) for r in sorted(tr.engine.runner.graphs)}
+        report["replay_ms"] = {r: graph_replay_ms(tr, r) for r in sorted(tr.engine.runner.graphs)}
         report["kernels_batch1"] = kernel_table(tr, 1)
     report["tokens_per_s"], report["host_profile"] = host_profile(tr, items, args.rows, args.new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -194,6 +194,17 @@ def test_split_k_matches_reference_and_resets_its_locks(fmt, kernel_device):
         assert not fused._locks(x.device).any()
 
 
+def test_split_k_refuses_more_tiles_than_locks(kernel_device, monkeypatch):
+    from serve.runtime import fused
+
+    monkeypatch.setattr(fused, "LOCKS", 2)
+    w = random_weights("float", 64, 256, kernel_device, torch.float32)
+    x = torch.randn(1, 256).to(kernel_device)
+    with pytest.raises(ValueError, match="lock table"):
+        fused.linear_triton(x, w, 64, block_n=16, split_k=2)
+    assert fused.linear_triton(x, w, 64, block_n=16, split_k=1).shape == (1, 64)
+
+
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
 def test_lm_head_topk_matches_log_softmax_topk(fmt, kernel_device):
     from serve.runtime import fused

@@ -55,9 +55,9 @@ ACT_CODES = {None: 0, "gelu": 1, "gelu_new": 2, "relu": 3}
 # rows; at 128 the dequantizing path wins for the wide layers. The lm_head top-K pays at every batch.
 MAX_ROWS = {FLOAT: 16, INT8: 64, INT4: 64}
 LM_HEAD_MAX_ROWS = 256
-# The most programs a split-K linear launches (the H100 has 132 SMs), and the lock table's size
+# The most programs a split-K linear launches (the H100 has 132 SMs)
 SPLIT_PROGRAMS = {FLOAT: 128, INT8: 128, INT4: 256}
-LOCKS = 4096
+LOCKS = 4096  # output tiles a split-K launch may have: one arrival counter each
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 ENABLED = os.environ.get("MT_FUSED", "1") != "0"
 
@@ -307,7 +307,7 @@ def _split_k(fmt: int, tiles: int, k: int, bk: int) -> int:
     (`scripts/bench_kernels.py --split-k`): int4 proj 27 -> 8 us, int8 proj 12 -> 9 us; layers
     with 96 or more float/int8 tiles only lose by it, while int4's slow unpacking pays up to 256."""
     split = 1
-    while tiles * split * 2 <= min(SPLIT_PROGRAMS[fmt], LOCKS) and k >= bk * split * 4:
+    while tiles * split * 2 <= SPLIT_PROGRAMS[fmt] and k >= bk * split * 4:
         split *= 2
     return split
 
@@ -361,6 +361,8 @@ def linear_triton(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | None
     bk = _cap_k(bm, bn, block_k or bk, x.element_size())
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
     split = split_k or _split_k(w.fmt, grid[0] * grid[1], k, bk)
+    if split > 1 and grid[0] * grid[1] > LOCKS:
+        raise ValueError(f"split-K over {grid[0] * grid[1]} output tiles; the lock table has {LOCKS}")
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     wn, wk = w.n_k_strides()
     _linear_kernel[(*grid, split)](
@@ -415,21 +417,22 @@ class Shortlist:
 
     `allowed[rows[i], t]` says whether query row i may emit token t; `ids[:count]` are the tokens
     any of them may (ascending), so the kernel reads only those lm_head rows. Everything stays on
-    the device with fixed shapes, so a CUDA graph can replay it while the batch changes.
+    the device with fixed shapes, so a CUDA graph can replay it while the batch changes; the engine
+    fills `ids` and `count` from the host (`shortlist.ShortlistUnion`).
     """
 
     allowed: torch.Tensor  # uint8 [table rows, vocab]
     rows: torch.Tensor  # [m]
-    ids: torch.Tensor  # int32 [vocab + 1]
+    ids: torch.Tensor  # int32 [vocab]; only the first `count` are read
     count: torch.Tensor  # int32 [1]
 
     @classmethod
     def of(cls, allowed: torch.Tensor, rows: torch.Tensor) -> Shortlist:
-        any_row = allowed[rows].amax(dim=0) != 0
-        pos = torch.where(any_row, any_row.cumsum(0) - 1, any_row.numel())  # the last slot takes the rest
-        ids = torch.zeros(any_row.numel() + 1, dtype=torch.int32, device=allowed.device)
-        ids[pos] = torch.arange(any_row.numel(), dtype=torch.int32, device=allowed.device)
-        return cls(allowed, rows, ids, any_row.sum(dtype=torch.int32).reshape(1))
+        """The shortlist of these rows with the union computed here (tests, benchmarks)."""
+        union = torch.nonzero(allowed[rows].amax(dim=0)).flatten().to(torch.int32)
+        ids = torch.zeros(allowed.shape[1], dtype=torch.int32, device=allowed.device)
+        ids[: len(union)] = union
+        return cls(allowed, rows, ids, torch.full((1,), len(union), dtype=torch.int32, device=allowed.device))
 
     def mask(self, vocab: int) -> torch.Tensor:
         """bool [m, vocab]: what each query row may emit."""

@@ -63,14 +63,12 @@ class VocabShortlist:
     """Each language's list, on the device as allow bits and on the host as ids."""
 
     def __init__(self, lists: dict[str, torch.Tensor], vocab_size: int, device: torch.device | str):
-        self.vocab_size, self.device = vocab_size, torch.device(device)
-        self.languages = sorted(lists)
         self._ids = {lang: ids.long().numpy() for lang, ids in lists.items()}
         self._bits = {}
         for lang, ids in lists.items():
             bits = torch.zeros(vocab_size, dtype=torch.uint8)
             bits[ids.long()] = 1
-            self._bits[lang] = bits.to(self.device)
+            self._bits[lang] = bits.to(device)
 
     @classmethod
     def load(cls, ckpt_dir: Path, vocab_size: int, device: torch.device | str) -> VocabShortlist:
