@@ -124,6 +124,11 @@ def main() -> None:
                 if fmt == "fp16":  # what runs without the fused kernels: LN, cuBLAS with bias, GELU, add
                     us = graph_us([partial(torch_path, x, w, **kw) for w in copies])
                     results.append({"rows": m, "shape": name, "fmt": fmt, "impl": "torch (cuBLAS)", "us": us})
+                else:  # above fused.MAX_ROWS: the whole weight dequantized, then the same composition
+                    us = graph_us([partial(fused.linear_reference, x, w, n, **kw) for w in copies])
+                    results.append(
+                        {"rows": m, "shape": name, "fmt": fmt, "impl": "dequantize + cuBLAS", "us": us}
+                    )
                 for r in results:
                     r.setdefault("GBps", nbytes(copies[0]) / r["us"] / 1e3)
         blocked = torch.zeros(m, dtype=torch.long, device="cuda")
