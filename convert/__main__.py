@@ -220,15 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_transformers()
-    return run_cli(
-        "convert",
-        lambda: print(
-            convert_checkpoint(
-                args.model, args.output, args.tp_size, args.dtype, args.overwrite, progress=not args.quiet
-            )
-        ),  # fmt: skip
-        (ConvertError,),
-    )
+
+    def work() -> None:
+        print(convert_checkpoint(args.model, args.output, args.tp_size, args.dtype, args.overwrite,
+                                 progress=not args.quiet))  # fmt: skip
+
+    return run_cli("convert", work, (ConvertError,))
 
 
 if __name__ == "__main__":

@@ -262,11 +262,9 @@ def test_int8_greedy_output_agrees_with_full_precision(calibrated, hf, setup, tm
     translators = [Translator.load(tmp_path / d, device="cpu") for d in "qf"]
     outs = [tr.translate(texts, "zh", "en", max_new_tokens=8) for tr in translators]
     linear = next(m for m in translators[0].decoder.modules() if isinstance(m, WeightOnlyInt8Linear))
-    assert linear.weight.shape == (linear.in_features, linear.out_features)  # the checkpoint's [in, out] ...
-    assert linear.weight.stride() == (
-        1,
-        linear.in_features,
-    )  # ... stored in-contiguous for the decode kernels
+    # the checkpoint's [in, out] weight, stored in-contiguous for the decode kernels
+    assert linear.weight.shape == (linear.in_features, linear.out_features)
+    assert linear.weight.stride() == (1, linear.in_features)
     assert len(set(outs[1])) > 6, "the float model should not produce the same output for every sentence"
     agree = sum(a == b for a, b in zip(*outs, strict=True))
     assert agree >= 9, f"int8 weight-only agrees with float on only {agree}/12 sentences"

@@ -71,6 +71,11 @@ class _Running:
     first_token_time: float | None = None
 
 
+def _fed(run: _Running) -> int:
+    """Positions a request's next decoder step feeds: its forced prefix first, then one token."""
+    return len(run.req.decoder_prefix) if run.cached == 0 else 1
+
+
 @dataclass
 class _Launched:
     """A decoder step on the device, with what collecting it needs."""
@@ -347,10 +352,9 @@ class Engine:
             generated = run.search.num_generated + 1  # once `prev` is collected
             if generated >= run.req.params.max_new_tokens:
                 continue
-            fed = len(run.req.decoder_prefix) if run.cached == 0 else 1
             blocked = generated < run.req.params.min_new_tokens
             runs.append(run)
-            feeds.append([(run.rows[0], [0], run.cached + fed, blocked, query_row[id(run)])])
+            feeds.append([(run.rows[0], [0], run.cached + _fed(run), blocked, query_row[id(run)])])
         return self._launch(runs, feeds) if runs else None
 
     def _launch(self, runs: list[_Running], feeds: list[list[tuple]]) -> _Launched:
@@ -414,8 +418,7 @@ class Engine:
     def _advance(self, run: _Running, parents: list[int], out: StepOutput) -> None:
         """Account for a step the request's search has taken: finish it, or fork beams' K/V
         (`parents`: the beam each new beam continues)."""
-        fed = len(run.req.decoder_prefix) if run.cached == 0 else 1
-        run.cached += fed
+        run.cached += _fed(run)
         self.generated_tokens += 1
         if run.first_token_time is None:
             run.first_token_time = time.monotonic()
