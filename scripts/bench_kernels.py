@@ -1,6 +1,6 @@
 """Decode-shape kernels at mBART-large-50 sizes: the fused Triton linear / lm_head top-K against the
-unfused PyTorch composition they replace, timed as CUDA-graph replays (as the decode step runs them)
-over rotating weight copies (so weights come from HBM, not L2). GPU only.
+unfused PyTorch composition they replace, and paged attention, timed as CUDA-graph replays (as the
+decode step runs them) over rotating weight copies (so weights come from HBM, not L2). GPU only.
 
     python scripts/bench_kernels.py --out out/kernels
 """
@@ -20,17 +20,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serve.runtime import fused  # noqa: E402
+from serve.runtime import fused, kernels  # noqa: E402
 from serve.runtime.quant import pack_int4  # noqa: E402
 
 # name: (N, K, LayerNorm prologue, bias, activation, residual) as the decoder layer uses them
 SHAPES = {
     "qkv": (3072, 1024, True, True, None, False),
     "dense": (1024, 1024, False, True, None, True),
+    "cross q": (1024, 1024, True, True, None, False),
     "fc": (4096, 1024, True, True, "gelu", False),
     "proj": (1024, 4096, False, True, None, True),
 }
-VOCAB, HIDDEN = 250054, 1024
+VOCAB, HIDDEN, HEADS = 250054, 1024, 16
 L2_BYTES = 50 * 2**20
 
 
@@ -54,6 +55,27 @@ def torch_path(x, w, bias, norm, act, residual):
     h = F.linear(norm(x) if norm is not None else x, w.weight, bias)
     h = F.gelu(h) if act else h
     return h + residual if residual is not None else h
+
+
+def attention(m: int, ctx: int, chunks: list[int], block: int = 16) -> list[dict]:
+    """Paged attention of m query rows over ctx cached positions each (16 heads of 64), per chunk size;
+    chunk 16 reads one cache block per iteration, as the kernel did before it gathered chunks."""
+    per_row = -(-ctx // block)
+    kv_bytes = 2 * m * ctx * HIDDEN * 2
+    pools = []
+    for _ in range(max(2, 2 * L2_BYTES // kv_bytes)):
+        shape = (m * per_row + 1, block, HEADS, HIDDEN // HEADS)
+        k, v = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(2))
+        pools.append((k, v, torch.randperm(m * per_row, device="cuda").view(m, per_row).int()))
+    q = torch.randn(m, HEADS, HIDDEN // HEADS, device="cuda", dtype=torch.float16)
+    lens = torch.full((m,), ctx, device="cuda", dtype=torch.int32)
+    out = []
+    for chunk in chunks:
+        us = graph_us([partial(kernels.paged_attention_triton, q, k, v, t, lens, 0.125, chunk=chunk)
+                       for k, v, t in pools])  # fmt: skip
+        out.append({"rows": m, "shape": f"attention, context {ctx}", "fmt": "fp16", "us": us,
+                    "impl": f"triton chunk={chunk}", "GBps": kv_bytes / us / 1e3})  # fmt: skip
+    return out
 
 
 def graph_us(calls: list, reps: int = 20) -> float:
@@ -93,14 +115,19 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16,64")
     ap.add_argument("--sweep", action="store_true", help="also try other tile shapes at 1 row")
     ap.add_argument("--formats", default="fp16,int8,int4", help="weight formats to time")
+    ap.add_argument("--shapes", default=",".join([*SHAPES, "lm_head", "attention"]), help="kernels to time")
     ap.add_argument("--shortlist", type=int, default=32000, help="tokens of the shortlisted lm_head case")
     ap.add_argument("--split-k", default="auto",
                     help="K slabs to time for each linear, e.g. auto,1,2,4 (auto: the runtime's own choice)")  # fmt: skip
+    ap.add_argument("--contexts", default="32,64,128", help="context lengths of the paged attention timings")
+    ap.add_argument("--chunks", default=f"16,{kernels.CHUNK}", help="attention chunk sizes to time")
     args = ap.parse_args()
     results = []
     norm = torch.nn.LayerNorm(HIDDEN, device="cuda", dtype=torch.float16)
     for m in (int(r) for r in args.rows.split(",")):
         for name, (n, k, ln, has_bias, act, has_res) in SHAPES.items():
+            if name not in args.shapes.split(","):
+                continue
             lnorm = norm if ln else torch.nn.LayerNorm(k, device="cuda", dtype=torch.float16)
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             bias = torch.randn(n, device="cuda", dtype=torch.float16) if has_bias else None
@@ -110,17 +137,18 @@ def main() -> None:
                     weights(fmt, n, k) for _ in range(max(2, 2 * L2_BYTES // nbytes(weights(fmt, n, k))))
                 ]
                 kw = dict(bias=bias, norm=lnorm if ln else None, act=act, residual=res)
-                configs = [(None, None, 4)]
-                if args.sweep and m == 1:
-                    configs += list(itertools.product((16, 32), (128, 256, 512, 1024), (4, 8)))
+                configs = [(None, None, None, None)]
+                if args.sweep and m == 1:  # one-row tiles, and the 16-row tile tl.dot would need
+                    tiles = itertools.product((4, 8, 16), (b for b in (1024, 2048) if b <= k), (2, 4, 8))
+                    configs += [(bn, bk, warps, 1) for bn, bk, warps in tiles] + [(None, None, None, 16)]
                 splits = [None if sk == "auto" else int(sk) for sk in args.split_k.split(",")]
-                for (bn, bk, warps), sk in itertools.product(configs, splits):
+                for (bn, bk, warps, bm), sk in itertools.product(configs, splits):
                     calls = [partial(fused.linear_triton, x, w, n, block_n=bn, block_k=bk, num_warps=warps,
-                                     split_k=sk, **kw) for w in copies]  # fmt: skip
+                                     split_k=sk, block_m=bm, **kw) for w in copies]  # fmt: skip
                     us = try_graph_us(calls)
                     if us is not None:
-                        results.append({"rows": m, "shape": name, "fmt": fmt, "us": us,
-                                        "impl": f"fused bn={bn} bk={bk} warps={warps} split={sk or 'auto'}"})  # fmt: skip
+                        impl = f"fused bm={bm or 'auto'} bn={bn} bk={bk} warps={warps} split={sk or 'auto'}"
+                        results.append({"rows": m, "shape": name, "fmt": fmt, "us": us, "impl": impl})
                 if fmt == "fp16":  # what runs without the fused kernels: LN, cuBLAS with bias, GELU, add
                     us = graph_us([partial(torch_path, x, w, **kw) for w in copies])
                     results.append({"rows": m, "shape": name, "fmt": fmt, "impl": "torch (cuBLAS)", "us": us})
@@ -131,27 +159,31 @@ def main() -> None:
                     )
                 for r in results:
                     r.setdefault("GBps", nbytes(copies[0]) / r["us"] / 1e3)
-        blocked = torch.zeros(m, dtype=torch.long, device="cuda")
-        x = torch.randn(m, HIDDEN, device="cuda", dtype=torch.float16)
-        allowed = torch.zeros(m + 1, VOCAB, dtype=torch.uint8, device="cuda")
-        allowed[:m, torch.randperm(VOCAB, device="cuda")[: args.shortlist]] = 1
-        short = fused.Shortlist.of(allowed, torch.arange(m, device="cuda"))
-        for fmt in args.formats.split(","):
-            w = weights(fmt, VOCAB, HIDDEN)
-            configs = [(None, None, None)]
-            if args.sweep and m == 1:
-                configs += list(itertools.product((64, 128, 256), (128, 256), (4, 8)))
-            for (bn, bk, warps), sl in itertools.product(configs, (None, short)):
-                us = try_graph_us([partial(fused.lm_head_topk_triton, x, w, VOCAB, 8, 2, blocked, norm, sl,
-                                           block_n=bn, block_k=bk, num_warps=warps)])  # fmt: skip
-                name = "lm_head+topk" if sl is None else f"lm_head+topk, shortlist {args.shortlist}"
-                if us is not None:
-                    results.append({"rows": m, "shape": name, "fmt": fmt, "us": us,
-                                "impl": f"fused bn={bn} bk={bk} warps={warps}", "GBps": nbytes(w) / us / 1e3})  # fmt: skip
-            if fmt == "fp16":
-                us = graph_us([partial(fused.lm_head_topk_reference, x, w, VOCAB, 8, 2, blocked, norm)])
-                results.append({"rows": m, "shape": "lm_head+topk", "fmt": fmt, "impl": "torch (cuBLAS)",
-                                "us": us, "GBps": nbytes(w) / us / 1e3})  # fmt: skip
+        if "lm_head" in args.shapes.split(","):
+            blocked = torch.zeros(m, dtype=torch.long, device="cuda")
+            x = torch.randn(m, HIDDEN, device="cuda", dtype=torch.float16)
+            allowed = torch.zeros(m + 1, VOCAB, dtype=torch.uint8, device="cuda")
+            allowed[:m, torch.randperm(VOCAB, device="cuda")[: args.shortlist]] = 1
+            short = fused.Shortlist.of(allowed, torch.arange(m, device="cuda"))
+            for fmt in args.formats.split(","):
+                w = weights(fmt, VOCAB, HIDDEN)
+                configs = [(None, None, None, None)]
+                if args.sweep and m == 1:
+                    configs += list(itertools.product((64, 128, 256), (128, 256), (4, 8), (None,)))
+                for (bn, bk, warps, bm), sl in itertools.product(configs, (None, short)):
+                    us = try_graph_us([partial(fused.lm_head_topk_triton, x, w, VOCAB, 8, 2, blocked, norm, sl,
+                                               block_n=bn, block_k=bk, num_warps=warps, block_m=bm)])  # fmt: skip
+                    name = "lm_head+topk" if sl is None else f"lm_head+topk, shortlist {args.shortlist}"
+                    if us is not None:
+                        results.append({"rows": m, "shape": name, "fmt": fmt, "us": us, "GBps": nbytes(w) / us / 1e3,
+                                        "impl": f"fused bm={bm or 'auto'} bn={bn} bk={bk} warps={warps}"})  # fmt: skip
+                if fmt == "fp16":
+                    us = graph_us([partial(fused.lm_head_topk_reference, x, w, VOCAB, 8, 2, blocked, norm)])
+                    results.append({"rows": m, "shape": "lm_head+topk", "fmt": fmt, "impl": "torch (cuBLAS)",
+                                    "us": us, "GBps": nbytes(w) / us / 1e3})  # fmt: skip
+        chunks = [int(c) for c in args.chunks.split(",")]
+        for ctx in (int(c) for c in args.contexts.split(",") if "attention" in args.shapes.split(",")):
+            results += attention(m, ctx, chunks)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(results, indent=2) + "\n")
     print(

@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.runtime.kernels import paged_attention, paged_attention_reference, write_kv, write_kv_reference
+from serve.runtime.kernels import (
+    paged_attention,
+    paged_attention_reference,
+    paged_attention_triton,
+    write_kv,
+    write_kv_reference,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -48,9 +54,11 @@ def test_triton_kernel_matches_reference(dtype, kernel_device):
         pytest.skip("the interpreter runs float32")
     n, heads = (33, 16) if kernel_device == "cuda" else (4, 2)
     args = (*random_paged(n=n, heads=heads, dim=64, blocks=300, device=kernel_device, dtype=dtype), 0.125)
-    got, ref = paged_attention(*args), paged_attention_reference(*args)
+    assert args[4].max() > 32  # contexts of several chunks at the smaller chunk size
+    ref = paged_attention_reference(*args)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert (got.float() - ref.float()).abs().max().item() <= tol
+    for got in (paged_attention(*args), paged_attention_triton(*args, chunk=32)):
+        assert (got.float() - ref.float()).abs().max().item() <= tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -170,6 +178,34 @@ def test_fused_linear_matches_reference(fmt, kernel_device):
                     assert err < tol, (m, n, k, dtype, sorted(kw), cols, err)
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fused_qkv_stores_k_and_v_in_the_cache(rows, kernel_device):
+    """A QKV projection given the cache writes its K and V thirds to each row's slot, and nothing
+    else: in its epilogue where a slot's heads are contiguous, after it (`write_kv`) where not."""
+    from serve.runtime import fused
+
+    g = torch.Generator().manual_seed(3)
+    heads, dim, k = 2, 16, 64
+    w = random_weights("float", 3 * heads * dim, k, kernel_device, torch.float32)
+    x = torch.randn(rows, k, generator=g).to(kernel_device)
+    slots = torch.randperm(40, generator=g)[:rows].to(kernel_device)
+    y = fused.linear_reference(x, w, 3 * heads * dim).view(rows, 3, heads, dim)
+    for flat in (True, False):
+        pools = [torch.zeros(5, 8, heads, dim, device=kernel_device) for _ in range(2)]
+        if not flat:  # dims strided: the kernel leaves the store to write_kv
+            pools = [torch.zeros(5, 8, dim, heads, device=kernel_device).transpose(2, 3) for _ in range(2)]
+        kv = fused.KVOut(*pools, slots)
+        assert kv.flat_heads() == flat
+        got = fused.linear_triton(x, w, 3 * heads * dim, kv=kv)
+        assert torch.allclose(got, y.flatten(1), atol=1e-5)
+        for pool, part in zip(pools, (1, 2), strict=True):
+            flat_pool = pool.reshape(40, heads, dim)
+            assert torch.allclose(flat_pool[slots], y[:, part], atol=1e-5)
+            others = torch.ones(40, dtype=torch.bool)
+            others[slots.cpu()] = False
+            assert not flat_pool[others.to(kernel_device)].any()
+
+
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
 def test_split_k_matches_reference_and_resets_its_locks(fmt, kernel_device):
     """K split into slabs (the last one short, or empty) gives the one-slab result, every time it runs:
@@ -178,20 +214,21 @@ def test_split_k_matches_reference_and_resets_its_locks(fmt, kernel_device):
 
     g = torch.Generator().manual_seed(2)
     dtype, tol = (torch.float16, 1e-2) if kernel_device == "cuda" else (torch.float32, 1e-5)
-    m, n, k = (5, 1024, 4096) if kernel_device == "cuda" else (3, 64, 384)
+    n, k = (1024, 4096) if kernel_device == "cuda" else (64, 384)
     w = random_weights(fmt, n, k, kernel_device, dtype)
     norm = torch.nn.LayerNorm(k, device=kernel_device, dtype=dtype)
-    x = (3 * torch.randn(m, k, generator=g) + 1).to(kernel_device, dtype)
-    bias = torch.randn(n, generator=g).to(kernel_device, dtype)
-    res = torch.randn(m, n, generator=g).to(kernel_device, dtype)
-    kw = dict(norm=norm, bias=bias, act="gelu", residual=res)
-    x32, w32, kw32 = as_float32(x, w, kw)
-    ref = fused.linear_reference(x32, w32, n, **kw32)
-    for split in (2, 5, 2):
-        got = fused.linear_triton(x, w, n, block_k=32, split_k=split, **kw)
-        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-        assert err < tol, (split, err)
-        assert not fused._locks(x.device).any()
+    for m in (1, 5):  # register dot products, and tl.dot
+        x = (3 * torch.randn(m, k, generator=g) + 1).to(kernel_device, dtype)
+        bias = torch.randn(n, generator=g).to(kernel_device, dtype)
+        res = torch.randn(m, n, generator=g).to(kernel_device, dtype)
+        kw = dict(norm=norm, bias=bias, act="gelu", residual=res)
+        x32, w32, kw32 = as_float32(x, w, kw)
+        ref = fused.linear_reference(x32, w32, n, **kw32)
+        for split in (2, 5, 2):
+            got = fused.linear_triton(x, w, n, block_k=32, split_k=split, **kw)
+            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < tol, (m, split, err)
+            assert not fused._locks(x.device).any()
 
 
 def test_split_k_refuses_more_tiles_than_locks(kernel_device, monkeypatch):

@@ -100,82 +100,123 @@ class Weights:
 
 
 if triton is not None:
+    from serve.runtime.kernels import pdl_start, pdl_wait
 
     @triton.jit
-    def _row_stats(x_rows, m_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Mean and 1/std of each row (two passes, as LayerNorm computes them)."""
-        rk = tl.arange(0, BLOCK_K)
+    def _row_stats(x_rows, m_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Mean and 1/std of each row (two passes, as LayerNorm computes them). Where BLOCK_S covers the
+        row, each pass is one load, and the second finds the row in L1."""
+        rk = tl.arange(0, BLOCK_S)
         total = tl.zeros((BLOCK_M,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, K, BLOCK_S):
             ok = m_ok[:, None] & (k0 + rk < K)[None, :]
             total += tl.sum(tl.load(x_rows + k0 + rk[None, :], mask=ok, other=0.0).to(tl.float32), axis=1)
         mean = total / K
         sq = tl.zeros((BLOCK_M,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, K, BLOCK_S):
             ok = m_ok[:, None] & (k0 + rk < K)[None, :]
             d = tl.load(x_rows + k0 + rk[None, :], mask=ok, other=0.0).to(tl.float32) - mean[:, None]
             sq += tl.sum(tl.where(ok, d * d, 0.0), axis=1)
         return mean, 1.0 / tl.sqrt(sq / K + eps)
 
     @triton.jit
+    def _w_tile(w_ptr, cols, n_ok, k0, k_hi, N, stride_wn, stride_wk, FMT: tl.constexpr, GATHER: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        """The [BLOCK_K, BLOCK_N] weight tile of inputs k0.. (below k_hi), columns cols (integers for int8 / int4)."""
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < k_hi
+        if FMT == 2 and not GATHER:  # packed int4: byte (j, k) holds columns 2j (low nibble), 2j+1 (high)
+            HALF: tl.constexpr = BLOCK_N // 2
+            rj = tl.program_id(0) * HALF + tl.arange(0, HALF)
+            p = tl.load(w_ptr + rj[None, :] * stride_wn + kk[:, None] * stride_wk,
+                        mask=(rj < N // 2)[None, :] & k_ok[:, None], other=0).to(tl.int32)  # fmt: skip
+            w = tl.reshape(tl.join((p << 28) >> 28, (p << 24) >> 28), (BLOCK_K, BLOCK_N))
+        elif FMT == 2:  # gathered int4 columns: each takes its own nibble of its byte
+            p = tl.load(w_ptr + (cols // 2)[None, :] * stride_wn + kk[:, None] * stride_wk,
+                        mask=n_ok[None, :] & k_ok[:, None], other=0).to(tl.int32)  # fmt: skip
+            w = (p << (28 - 4 * (cols % 2))[None, :]) >> 28
+        else:
+            w = tl.load(w_ptr + cols[None, :] * stride_wn + kk[:, None] * stride_wk,
+                        mask=n_ok[None, :] & k_ok[:, None], other=0)  # fmt: skip
+        return w
+
+    @triton.jit
+    def _slab(x_rows, w, s_ptr, pre_ptr, g_ptr, beta_ptr, m_ok, cols, n_ok, k0, k_hi, mean, rstd, stride_sn,
+              FMT: tl.constexpr, GROUP: tl.constexpr, HAS_LN: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        """fp32 [BLOCK_M, BLOCK_N] product of LN(x) over inputs k0.. (below k_hi) and their weight tile w."""
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < k_hi
+        a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_LN:  # masked columns get gamma = beta = 0, so they stay zero
+            g = tl.load(g_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            b = tl.load(beta_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            a = ((a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]).to(
+                x_rows.dtype.element_ty
+            )
+        if FMT == 2:
+            pre = tl.load(pre_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * pre[None, :]).to(x_rows.dtype.element_ty)
+        if BLOCK_M == 1:  # one row: a dot product per column in registers (tl.dot needs 16 rows)
+            w = w.to(tl.float32)
+            if FMT == 2:  # each input's own group scale, so a slab may span groups
+                w *= tl.load(s_ptr + cols[None, :] * stride_sn + (kk // GROUP)[:, None],
+                             mask=n_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
+            return tl.sum(tl.trans(a).to(tl.float32) * w, axis=0, keep_dims=True)
+        w = w.to(x_rows.dtype.element_ty)
+        part = tl.dot(a, w, input_precision="ieee") if IEEE else tl.dot(a, w)
+        if FMT == 2:  # BLOCK_K divides GROUP: one scale per column in this K slab
+            s = tl.load(s_ptr + cols * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+            part = part * s[None, :]
+        return part
+
+    @triton.jit
     def _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, cols, n_ok, N, K, k_lo, k_hi, eps,
                      stride_xm, stride_wn, stride_wk, stride_sn, FMT: tl.constexpr, GROUP: tl.constexpr,
                      HAS_LN: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+                     PDL: tl.constexpr):  # fmt: skip
         """fp32 [BLOCK_M, BLOCK_N] tile of LN(x) W^T over inputs k_lo..k_hi (a multiple of BLOCK_K apart,
         or up to K) for output columns `cols`: program_id(0)'s contiguous block, or any ids with
-        GATHER (the lm_head over a shortlist). The LayerNorm statistics always cover all K inputs."""
-        rk = tl.arange(0, BLOCK_K)
+        GATHER (the lm_head over a shortlist). The LayerNorm statistics always cover all K inputs.
+
+        With one row, the first slab's weights are requested first: before the previous kernel has
+        finished (`kernels.pdl_wait`), and before the statistics' reads of x."""
         x_rows = x_ptr + rm[:, None] * stride_xm
-        if HAS_LN:
-            mean, rstd = _row_stats(x_rows, m_ok, K, eps, BLOCK_M, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + rk
-            k_ok = kk < k_hi
-            a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if HAS_LN:  # masked columns get gamma = beta = 0, so they stay zero
-                g = tl.load(g_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-                b = tl.load(beta_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-                a = ((a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]).to(
-                    x_ptr.dtype.element_ty
-                )
-            if FMT == 2:
-                pre = tl.load(pre_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-                a = (a.to(tl.float32) * pre[None, :]).to(x_ptr.dtype.element_ty)
-            if FMT == 2 and not GATHER:  # packed int4: byte (j, k) holds columns 2j (low nibble), 2j+1 (high)
-                HALF: tl.constexpr = BLOCK_N // 2
-                rj = tl.program_id(0) * HALF + tl.arange(0, HALF)
-                p = tl.load(w_ptr + rj[None, :] * stride_wn + kk[:, None] * stride_wk,
-                            mask=(rj < N // 2)[None, :] & k_ok[:, None], other=0).to(tl.int32)  # fmt: skip
-                w = tl.reshape(tl.join((p << 28) >> 28, (p << 24) >> 28), (BLOCK_K, BLOCK_N))
-            elif FMT == 2:  # gathered int4 columns: each takes its own nibble of its byte
-                p = tl.load(w_ptr + (cols // 2)[None, :] * stride_wn + kk[:, None] * stride_wk,
-                            mask=n_ok[None, :] & k_ok[:, None], other=0).to(tl.int32)  # fmt: skip
-                w = (p << (28 - 4 * (cols % 2))[None, :]) >> 28
-            else:
-                w = tl.load(w_ptr + cols[None, :] * stride_wn + kk[:, None] * stride_wk,
-                            mask=n_ok[None, :] & k_ok[:, None], other=0)  # fmt: skip
-            w = w.to(x_ptr.dtype.element_ty)
-            part = tl.dot(a, w, input_precision="ieee") if IEEE else tl.dot(a, w)
-            if FMT == 2:  # BLOCK_K divides GROUP: one scale per column in this K slab
-                s = tl.load(s_ptr + cols * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-                part = part * s[None, :]
-            acc += part
+        k_first = k_lo
+        if BLOCK_M == 1:
+            w = _w_tile(w_ptr, cols, n_ok, k_lo, k_hi, N, stride_wn, stride_wk, FMT, GATHER, BLOCK_N, BLOCK_K)
+            k_first = k_lo + BLOCK_K
+        pdl_wait(PDL)
+        mean = tl.zeros((BLOCK_M,), tl.float32)
+        rstd = mean
+        if HAS_LN:
+            mean, rstd = _row_stats(x_rows, m_ok, K, eps, BLOCK_M, BLOCK_S)
+        if BLOCK_M == 1:
+            acc = _slab(x_rows, w, s_ptr, pre_ptr, g_ptr, beta_ptr, m_ok, cols, n_ok, k_lo, k_hi, mean, rstd,
+                        stride_sn, FMT, GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_K)  # fmt: skip
+        for k0 in range(k_first, k_hi, BLOCK_K):
+            w = _w_tile(w_ptr, cols, n_ok, k0, k_hi, N, stride_wn, stride_wk, FMT, GATHER, BLOCK_N, BLOCK_K)
+            acc += _slab(x_rows, w, s_ptr, pre_ptr, g_ptr, beta_ptr, m_ok, cols, n_ok, k0, k_hi, mean, rstd,
+                         stride_sn, FMT, GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_K)  # fmt: skip
         if FMT == 1:
             acc = acc * tl.load(s_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         return acc
 
     @triton.jit
-    def _linear_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, lock_ptr, M,
-                       N, K, eps, stride_xm, stride_wn, stride_wk, stride_sn, stride_rm, stride_ym,
+    def _linear_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, lock_ptr,
+                       kp_ptr, vp_ptr, slots_ptr, M, N, K, eps, stride_xm, stride_wn, stride_wk, stride_sn, stride_rm,
+                       stride_ym, stride_ps,
                        FMT: tl.constexpr, GROUP: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr,
                        ACT: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_S: tl.constexpr, KV: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         # With SPLIT_K > 1, program_id(2) takes one slab of K: it stores its partial tile in the
         # workspace and counts itself in the tile's lock; the last to arrive sums the partials in
         # slab order (so results do not depend on arrival order), resets the lock for the next
         # launch (or graph replay), and runs the epilogue.
+        pdl_start(PDL)
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = rm < M
@@ -184,9 +225,13 @@ if triton is not None:
         k_lo = tl.program_id(2) * slab
         acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, rn, rn < N, N, K, k_lo,
                            tl.minimum(K, k_lo + slab), eps, stride_xm, stride_wn, stride_wk, stride_sn, FMT, GROUP,
-                           HAS_LN, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                           HAS_LN, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S, PDL)  # fmt: skip
+        slot = rm
+        if KV:
+            slot = tl.load(slots_ptr + rm, mask=m_ok, other=0).to(tl.int64)
         if SPLIT_K == 1:
-            _epilogue(acc, bias_ptr, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RES)  # fmt: skip
+            _epilogue(acc, bias_ptr, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RES,
+                      kp_ptr, vp_ptr, slot, stride_ps, KV)  # fmt: skip
         else:
             parts = ws_ptr + rm[:, None] * N + rn[None, :]
             tl.store(parts + tl.program_id(2) * M * N, acc, mask=ok)
@@ -197,11 +242,12 @@ if triton is not None:
                 for i in tl.static_range(SPLIT_K):
                     acc += tl.load(parts + i * M * N, mask=ok, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(lock, 0)
-                _epilogue(acc, bias_ptr, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RES)  # fmt: skip
+                _epilogue(acc, bias_ptr, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RES,
+                          kp_ptr, vp_ptr, slot, stride_ps, KV)  # fmt: skip
 
     @triton.jit
     def _epilogue(acc, bias_ptr, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS: tl.constexpr,
-                  ACT: tl.constexpr, HAS_RES: tl.constexpr):  # fmt: skip
+                  ACT: tl.constexpr, HAS_RES: tl.constexpr, kp_ptr, vp_ptr, slot, stride_ps, KV: tl.constexpr):  # fmt: skip
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if ACT == 1:
@@ -213,17 +259,26 @@ if triton is not None:
             acc = tl.maximum(acc, 0.0)
         if HAS_RES:
             acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
+        y = acc.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y, mask=ok)
+        if KV:  # a fused QKV's K and V thirds are also this step's cache rows (pool slots of heads x dims)
+            third = N // 3
+            dst = slot[:, None] * stride_ps + (rn % third)[None, :]
+            tl.store(kp_ptr + dst, y, mask=ok & ((rn >= third) & (rn < 2 * third))[None, :])
+            tl.store(vp_ptr + dst, y, mask=ok & (rn >= 2 * third)[None, :])
 
     @triton.jit
     def _lm_head_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, blocked_ptr, ids_ptr, count_ptr, rows_ptr,
                         allowed_ptr, pmax_ptr, psum_ptr, cval_ptr, cidx_ptr, M, N, K, eps, eos, stride_xm, stride_wn,
                         stride_wk, stride_sn, stride_allowed, FMT: tl.constexpr, GROUP: tl.constexpr,
                         HAS_LN: tl.constexpr, SHORTLIST: tl.constexpr, IEEE: tl.constexpr, TOPK: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_S: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         # One tile of candidate tokens per program (the vocabulary, or the shortlist's ids): its
         # softmax partial and its TOPK best, with EOS masked where blocked and, under a shortlist,
         # each row's tokens outside its own list masked too.
+        pdl_start(PDL)
+        pdl_wait(PDL)  # before anything: even the tiles past a shortlist's end write
         tile = tl.program_id(0)
         tiles = tl.num_programs(0)
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -240,7 +295,7 @@ if triton is not None:
                 cols = tl.load(ids_ptr + pos, mask=valid, other=0)
             acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, cols, valid, N, K, 0, K,
                                eps, stride_xm, stride_wn, stride_wk, stride_sn, FMT, GROUP, HAS_LN, SHORTLIST, IEEE,
-                               BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                               BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S, False)  # fmt: skip
             keep = valid[None, :]
             if SHORTLIST:
                 row = tl.load(rows_ptr + rm, mask=m_ok, other=0)
@@ -269,8 +324,11 @@ if triton is not None:
 
     @triton.jit
     def _topk_merge_kernel(pmax_ptr, psum_ptr, cval_ptr, cidx_ptr, val_ptr, idx_ptr, TILES,
-                           TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+                           TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                           PDL: tl.constexpr):  # fmt: skip
         # One row per program: log-sum-exp of the tiles' partials, then the TOPK best candidates.
+        pdl_start(PDL)
+        pdl_wait(PDL)
         row = tl.program_id(0)
         t = tl.arange(0, BLOCK_T)
         pmax = tl.load(pmax_ptr + row * TILES + t, mask=t < TILES, other=float("-inf"))
@@ -289,16 +347,30 @@ if triton is not None:
 
 
 def _block_m(m: int) -> int:
-    return 16 if m <= 16 else 32 if m <= 32 else 64
+    """Rows per program: one row takes register dot products, more take tl.dot (16 rows at least)."""
+    return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def _tiles(w: Weights, n: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) at one row: the fastest measured on the H100 (`scripts/bench_kernels.py --sweep`)."""
+def _stats_block(bm: int, bk: int, k: int) -> int:
+    """Width of the LayerNorm statistics' loads: a single row's whole width (one load per pass, up to
+    8192), else BLOCK_K."""
+    return max(bk, min(triton.next_power_of_2(k), 8192)) if bm == 1 else bk
+
+
+def _tiles(w: Weights, n: int, k: int, bm: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps): the fastest measured on the H100 (`scripts/bench_kernels.py --sweep`).
+
+    One row reads narrow tiles of the whole K (or 2048 of it), so that each program's weights arrive in
+    one or two trips; the 16-row tiles were swept at one row, before one row had its own path."""
+    if bm == 1:
+        if k > 1024:
+            return 4, 2048, 8
+        return (8 if w.fmt == INT4 else 4), 1024, 4
     if w.fmt == INT4:
-        return 32, min(64, w.group)
+        return 32, min(64, w.group), 4
     if w.fmt == INT8:
-        return (16, 1024) if n <= 2048 else (32, 512)
-    return (16, 512) if n <= 2048 else (32, 256)
+        return (16, 1024, 4) if n <= 2048 else (32, 512, 4)
+    return (16, 512, 4) if n <= 2048 else (32, 256, 4)
 
 
 def _split_k(fmt: int, tiles: int, k: int, bk: int) -> int:
@@ -351,27 +423,36 @@ def _common(x: torch.Tensor, w: Weights, norm: torch.nn.LayerNorm | None):
 def linear_triton(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | None = None,
                   norm: torch.nn.LayerNorm | None = None, act: str | None = None,
                   residual: torch.Tensor | None = None, block_n: int | None = None,
-                  block_k: int | None = None, num_warps: int = 4, split_k: int | None = None) -> torch.Tensor:  # fmt: skip
-    """act(LN(x) W^T + bias)[:, :n] + residual in one launch (see the module docstring)."""
+                  block_k: int | None = None, num_warps: int | None = None, split_k: int | None = None,
+                  block_m: int | None = None, kv: KVOut | None = None) -> torch.Tensor:  # fmt: skip
+    """act(LN(x) W^T + bias)[:, :n] + residual in one launch (see the module docstring); with `kv`, the
+    K and V thirds of a fused QKV also go to the cache in the same launch."""
     x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
     m, k = x2.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     res = residual.reshape(m, n) if residual is not None else y
-    bn, bk = _tiles(w, n)
-    bm, bn = _block_m(m), block_n or bn
-    bk = _cap_k(bm, bn, block_k or bk, x.element_size())
+    bm = block_m or _block_m(m)
+    bn, bk, warps = _tiles(w, n, k, bm)
+    bn = block_n or bn
+    bk = _cap_k(bm, bn, min(block_k or bk, triton.next_power_of_2(k)), x.element_size())
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
     split = split_k or _split_k(w.fmt, grid[0] * grid[1], k, bk)
     if split > 1 and grid[0] * grid[1] > LOCKS:
         raise ValueError(f"split-K over {grid[0] * grid[1]} output tiles; the lock table has {LOCKS}")
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     wn, wk = w.n_k_strides()
+    fused_kv = kv is not None and kv.flat_heads()
+    kp, vp, slots = (kv.k_pool, kv.v_pool, kv.slots) if fused_kv else (y, y, y)
     _linear_kernel[(*grid, split)](
-        x2, w.weight, s, pre, g, beta, bias if bias is not None else y, res, y, ws, _locks(x.device), m, n, k, eps,
-        x2.stride(0), wn, wk, sn, res.stride(0), y.stride(0), FMT=w.fmt, GROUP=w.group, HAS_LN=norm is not None,
-        HAS_BIAS=bias is not None, ACT=ACT_CODES[act], HAS_RES=residual is not None,
-        IEEE=x.dtype == torch.float32, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps,
+        x2, w.weight, s, pre, g, beta, bias if bias is not None else y, res, y, ws, _locks(x.device), kp, vp, slots,
+        m, n, k, eps, x2.stride(0), wn, wk, sn, res.stride(0), y.stride(0), kp.stride(1) if fused_kv else 0,
+        FMT=w.fmt, GROUP=w.group, HAS_LN=norm is not None, HAS_BIAS=bias is not None, ACT=ACT_CODES[act],
+        HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk, BLOCK_S=_stats_block(bm, bk, k), KV=fused_kv, PDL=kernels.pdl(x), num_warps=num_warps or warps,
+        launch_pdl=kernels.pdl(x),
     )  # fmt: skip
+    if kv is not None and not fused_kv:
+        kv.store(y)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -395,8 +476,9 @@ def _finish(y: torch.Tensor, act: str | None, residual: torch.Tensor | None) -> 
 
 
 def linear(x: torch.Tensor, layer, norm: torch.nn.LayerNorm | None = None, act: str | None = None,
-           residual: torch.Tensor | None = None, n: int | None = None) -> torch.Tensor:  # fmt: skip
-    """act(norm(x) W^T + b)[..., :n] + residual for a `Linear` (row-parallel ones all-reduce first).
+           residual: torch.Tensor | None = None, n: int | None = None, kv: KVOut | None = None) -> torch.Tensor:  # fmt: skip
+    """act(norm(x) W^T + b)[..., :n] + residual for a `Linear` (row-parallel ones all-reduce first); with
+    `kv`, a fused QKV projection's K and V are also stored as this step's cache rows.
 
     One kernel where `usable`; otherwise the layer's own modules, so CPU, prefill and
     SmoothQuant run exactly the path they always did.
@@ -405,11 +487,33 @@ def linear(x: torch.Tensor, layer, norm: torch.nn.LayerNorm | None = None, act: 
     w = layer.kernel_weights()
     if not usable(x, w):
         h = norm(x) if norm is not None else x
-        return _finish(layer(h) if n == layer.out_features else layer.forward_rows(h, n), act, residual)
+        y = _finish(layer(h) if n == layer.out_features else layer.forward_rows(h, n), act, residual)
+        if kv is not None:
+            kv.store(y)
+        return y
     if layer.reduce and tp.world_size() > 1:  # the residual and bias are added once, after the sum
         y = tp.all_reduce(linear_triton(x, w, n, norm=norm))
         return _finish(y if layer.bias is None else y + layer.bias, act, residual)
-    return linear_triton(x, w, n, layer.bias, norm, act, residual)
+    return linear_triton(x, w, n, layer.bias, norm, act, residual, kv=kv)
+
+
+@dataclass(frozen=True)
+class KVOut:
+    """A decoder layer's paged K/V pools [blocks, block_size, heads, head_size] and the flat slot of each
+    query row: where a fused QKV projection's K and V thirds go."""
+
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
+    slots: torch.Tensor
+
+    def flat_heads(self) -> bool:
+        """Whether a slot's heads x dims are contiguous, so the linear kernel can store K and V itself."""
+        return all(p.stride(3) == 1 and p.stride(2) == p.shape[3] for p in (self.k_pool, self.v_pool))
+
+    def store(self, qkv: torch.Tensor) -> None:
+        """Store the K and V thirds of a QKV output [rows, 3 * heads * head_size] (`kernels.write_kv`)."""
+        parts = qkv.reshape(-1, 3, *self.k_pool.shape[2:])
+        kernels.write_kv(self.k_pool, self.v_pool, self.slots, parts[:, 1], parts[:, 2])
 
 
 @dataclass(frozen=True)
@@ -443,7 +547,8 @@ class Shortlist:
 def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id: int, eos_blocked: torch.Tensor,
                         norm: torch.nn.LayerNorm | None = None, shortlist: Shortlist | None = None,
                         block_n: int | None = None, block_k: int | None = None,
-                        num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                        num_warps: int | None = None,
+                        block_m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Top-k log-probabilities and ids [rows, k] of softmax(LN(x) W^T)[:, :vocab], EOS masked where blocked,
     over each row's shortlist where one is given (log-probabilities normalized over it)."""
     x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
@@ -451,7 +556,7 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
     # measured best on the H100 at one row: wide float tiles with 8 warps; 128 x 128 (x 64 for int4)
     float_tiles = w.fmt == FLOAT
     block_n = block_n or (256 if float_tiles else 128)
-    bm = _block_m(m)
+    bm = block_m or max(16, _block_m(m))
     block_k = _cap_k(bm, block_n, block_k or (128 if w.fmt != INT4 else min(64, w.group)), x.element_size())
     num_warps = num_warps or (8 if float_tiles else 4)
     tiles = triton.cdiv(vocab, block_n)
@@ -465,14 +570,15 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
         x2, w.weight, s, pre, g, beta, eos_blocked, sl.ids, sl.count, sl.rows, sl.allowed, pmax, psum, cval, cidx,
         m, vocab, kdim, eps, eos_id, x2.stride(0), wn, wk, sn, sl.allowed.stride(0), FMT=w.fmt, GROUP=w.group,
         HAS_LN=norm is not None, SHORTLIST=shortlist is not None, IEEE=x.dtype == torch.float32, TOPK=k,
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=_stats_block(bm, block_k, kdim), PDL=kernels.pdl(x),
+        num_warps=num_warps, launch_pdl=kernels.pdl(x),
     )  # fmt: skip
     values = torch.empty(m, k, dtype=torch.float32, device=x.device)
     ids = torch.empty(m, k, dtype=torch.long, device=x.device)
     block_c = triton.next_power_of_2(tiles * k)
     _topk_merge_kernel[(m,)](pmax, psum, cval, cidx, values, ids, tiles, TOPK=k,
-                             BLOCK_T=triton.next_power_of_2(tiles), BLOCK_C=block_c,
-                             num_warps=max(1, min(16, block_c // 1024)))  # fmt: skip
+                             BLOCK_T=triton.next_power_of_2(tiles), BLOCK_C=block_c, PDL=kernels.pdl(x),
+                             num_warps=max(1, min(16, block_c // 1024)), launch_pdl=kernels.pdl(x))  # fmt: skip
     return values, ids
 
 

@@ -5,9 +5,18 @@ the blocks of `tables[row]`. The kernel reads only those blocks, with an online 
 its cost follows the real context length rather than the table width; that also makes it
 safe to capture in a CUDA graph with fixed-width tables. The reference is the definition the
 kernel is tested against.
+
+It also holds what every decode kernel shares: whether Triton can run (`triton_ok`), and
+programmatic dependent launch (`pdl`): on Hopper, each kernel lets the next one start as soon as all
+of its programs are running, and the next one reads weights, which no kernel writes, before
+`pdl_wait` blocks it until its predecessor has finished; so a layer's weights are already on
+their way while the previous layer ends.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +30,24 @@ except ImportError:  # CPU-only installs
 # Tests set this (with TRITON_INTERPRET=1 in the environment before triton is imported) to run
 # the Triton kernels on CPU tensors in Triton's interpreter; serving never does.
 CPU_INTERPRETER = False
+CHUNK = 128  # context positions the attention kernel reads per iteration
+PDL = os.environ.get("MT_PDL", "1") != "0"
 
 
 def triton_ok(x: torch.Tensor) -> bool:
     """Whether Triton kernels can run on x's device."""
     return triton is not None and (x.is_cuda or CPU_INTERPRETER)
+
+
+def pdl(x: torch.Tensor) -> bool:
+    """Whether kernels on x's device launch with programmatic dependent launch (Hopper and later;
+    `MT_PDL=0` turns it off)."""
+    return PDL and x.is_cuda and _hopper_or_later(x.device.index)
+
+
+@functools.cache
+def _hopper_or_later(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def write_kv_reference(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
@@ -51,8 +73,23 @@ def paged_attention_reference(
 if triton is not None:
 
     @triton.jit
+    def pdl_start(PDL: tl.constexpr):
+        """Let the next kernel launch once every program of this one has started."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        """Block until the previous kernel has finished and its writes are visible. Before this, a
+        kernel launched with PDL may read only what no kernel writes (weights, norms, biases)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, slots_ptr, kp_ptr, vp_ptr, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_ps, stride_ph, HEAD_DIM: tl.constexpr):  # fmt: skip
+                         stride_ps, stride_ph, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        pdl_start(PDL)
+        pdl_wait(PDL)
         row = tl.program_id(0)
         head = tl.program_id(1)
         dims = tl.arange(0, HEAD_DIM)
@@ -65,27 +102,38 @@ if triton is not None:
     def _paged_attention_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale,
         stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh,
-        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        # CHUNK positions per iteration, gathered across as many cache blocks as they span: a decode
+        # step's context usually fits one chunk, so its K and V arrive in one round trip.
+        pdl_start(PDL)
+        pdl_wait(PDL)
         row = tl.program_id(0)
         head = tl.program_id(1)
         dims = tl.arange(0, HEAD_DIM)
-        offs = tl.arange(0, BLOCK_SIZE)
+        offs = tl.arange(0, CHUNK)
         q = tl.load(q_ptr + row * stride_qn + head * stride_qh + dims).to(tl.float32) * scale
         length = tl.load(lens_ptr + row)
         m = tl.full((), float("-inf"), tl.float32)
         denom = tl.zeros((), tl.float32)
         acc = tl.zeros((HEAD_DIM,), tl.float32)
-        for b in range(0, tl.cdiv(length, BLOCK_SIZE)):
-            block = tl.load(tables_ptr + row * stride_tn + b).to(tl.int64)
-            valid = b * BLOCK_SIZE + offs < length
-            kv_off = block * stride_kb + offs[:, None] * stride_ks + head * stride_kh + dims[None, :]
+        for c0 in range(0, length, CHUNK):
+            pos = c0 + offs
+            valid = pos < length
+            block = tl.load(tables_ptr + row * stride_tn + pos // BLOCK_SIZE, mask=valid, other=0).to(
+                tl.int64
+            )
+            kv_off = (
+                (block * stride_kb + (pos % BLOCK_SIZE) * stride_ks)[:, None]
+                + head * stride_kh
+                + dims[None, :]
+            )
             k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
             s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=0))
             p = tl.exp(s - m_new)
             alpha = tl.exp(m - m_new)
-            v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
             denom = denom * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m = m_new
@@ -95,14 +143,15 @@ if triton is not None:
 
 def paged_attention_triton(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
-    scale: float,
+    scale: float, chunk: int = CHUNK,
 ) -> torch.Tensor:  # fmt: skip
     n, heads, head_dim = q.shape
     out = torch.empty_like(q)
     _paged_attention_kernel[(n, heads)](
         q, k_pool, v_pool, tables, lens, out, scale,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), tables.stride(0),
-        out.stride(0), out.stride(1), BLOCK_SIZE=k_pool.shape[1], HEAD_DIM=head_dim,
+        out.stride(0), out.stride(1), BLOCK_SIZE=k_pool.shape[1], HEAD_DIM=head_dim, CHUNK=chunk,
+        PDL=pdl(q), launch_pdl=pdl(q),
     )  # fmt: skip
     return out
 
@@ -125,7 +174,7 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k:
     n, heads, head_dim = k.shape
     _write_kv_kernel[(n, heads)](
         k, v, slots, k_pool, v_pool, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_pool.stride(1), k_pool.stride(2), HEAD_DIM=head_dim,
+        k_pool.stride(1), k_pool.stride(2), HEAD_DIM=head_dim, PDL=pdl(k), launch_pdl=pdl(k),
     )  # fmt: skip
 
 

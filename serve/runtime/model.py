@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from serve.runtime import fused, tp
 from serve.runtime.fused import ACTIVATIONS
-from serve.runtime.kernels import paged_attention, write_kv
+from serve.runtime.kernels import paged_attention
 from serve.runtime.layers import Embedding, LayerNorm, Linear
 from serve.runtime.transfer import upload
 
@@ -234,8 +234,7 @@ class DecoderLayer(Block):
     ) -> torch.Tensor:
         k_pool, v_pool = kv  # this layer's [2][num_blocks, block_size, h, d]
         att, norm = self.self_attention, self.self_attention_layernorm
-        q, k, v = att.heads_of(self.project_in(x, norm, att.qkv)).unbind(1)
-        write_kv(k_pool, v_pool, b.slots, k, v)
+        q = att.heads_of(self.project_in(x, norm, att.qkv, kv=fused.KVOut(k_pool, v_pool, b.slots)))[:, 0]
         a = paged_attention(q, k_pool, v_pool, b.ctx_tables, b.ctx_lens, att.scale)
         x = self.project_out(a.flatten(1), norm, att.dense, x)
 
