@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -238,7 +239,8 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "new_tokens": args.new_tokens, "copy_bandwidth_GBps": bandwidth / 1e9,
-              "command": " ".join(sys.argv), "contenders": {}}  # fmt: skip
+              "command": " ".join(sys.argv), "contenders": {},
+              "env": {k: v for k, v in os.environ.items() if k.startswith("MT_")}}  # fmt: skip
     n_items = max(levels) * 2 if not args.smoke else 8
 
     args.out.mkdir(parents=True, exist_ok=True)

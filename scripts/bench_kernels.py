@@ -109,6 +109,71 @@ def try_graph_us(calls: list) -> float | None:
         return None
 
 
+def linears(args: argparse.Namespace, m: int) -> list[dict]:
+    """Each decoder linear of SHAPES at m rows, fused (with the sweep's tiles at one row) and unfused."""
+    results = []
+    norm = torch.nn.LayerNorm(HIDDEN, device="cuda", dtype=torch.float16)
+    for name, (n, k, ln, has_bias, act, has_res) in SHAPES.items():
+        if name not in args.shapes.split(","):
+            continue
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        bias = torch.randn(n, device="cuda", dtype=torch.float16) if has_bias else None
+        res = torch.randn(m, n, device="cuda", dtype=torch.float16) if has_res else None
+        kw = dict(bias=bias, norm=norm if ln else None, act=act, residual=res)
+        for fmt in args.formats.split(","):
+            copies = [weights(fmt, n, k) for _ in range(max(2, 2 * L2_BYTES // nbytes(weights(fmt, n, k))))]
+            rows = []
+            configs = [(None, None, None, None)]
+            if args.sweep and m == 1:  # one-row tiles, and the 16-row tile tl.dot would need
+                tiles = itertools.product((4, 8, 16), (b for b in (1024, 2048) if b <= k), (2, 4, 8))
+                configs += [(bn, bk, warps, 1) for bn, bk, warps in tiles] + [(None, None, None, 16)]
+            splits = [None if sk == "auto" else int(sk) for sk in args.split_k.split(",")]
+            for (bn, bk, warps, bm), sk in itertools.product(configs, splits):
+                calls = [partial(fused.linear_triton, x, w, n, block_n=bn, block_k=bk, num_warps=warps,
+                                 split_k=sk, block_m=bm, **kw) for w in copies]  # fmt: skip
+                us = try_graph_us(calls)
+                if us is not None:
+                    impl = f"fused bm={bm or 'auto'} bn={bn} bk={bk} warps={warps} split={sk or 'auto'}"
+                    rows.append({"impl": impl, "us": us})
+            if fmt == "fp16":  # what runs without the fused kernels: LN, cuBLAS with bias, GELU, add
+                us = graph_us([partial(torch_path, x, w, **kw) for w in copies])
+                rows.append({"impl": "torch (cuBLAS)", "us": us})
+            else:  # above fused.MAX_ROWS: the whole weight dequantized, then the same composition
+                us = graph_us([partial(fused.linear_reference, x, w, n, **kw) for w in copies])
+                rows.append({"impl": "dequantize + cuBLAS", "us": us})
+            results += [{"rows": m, "shape": name, "fmt": fmt, **r, "GBps": nbytes(copies[0]) / r["us"] / 1e3}
+                        for r in rows]  # fmt: skip
+    return results
+
+
+def lm_heads(args: argparse.Namespace, m: int) -> list[dict]:
+    """The lm_head top-K at m rows over the vocabulary and over a shortlist, fused and unfused."""
+    results = []
+    norm = torch.nn.LayerNorm(HIDDEN, device="cuda", dtype=torch.float16)
+    blocked = torch.zeros(m, dtype=torch.long, device="cuda")
+    x = torch.randn(m, HIDDEN, device="cuda", dtype=torch.float16)
+    allowed = torch.zeros(m + 1, VOCAB, dtype=torch.uint8, device="cuda")
+    allowed[:m, torch.randperm(VOCAB, device="cuda")[: args.shortlist]] = 1
+    short = fused.Shortlist.of(allowed, torch.arange(m, device="cuda"))
+    for fmt in args.formats.split(","):
+        w = weights(fmt, VOCAB, HIDDEN)
+        configs = [(None, None, None)]
+        if args.sweep and m == 1:
+            configs += list(itertools.product((64, 128, 256), (128, 256), (4, 8)))
+        for (bn, bk, warps), sl in itertools.product(configs, (None, short)):
+            us = try_graph_us([partial(fused.lm_head_topk_triton, x, w, VOCAB, 8, 2, blocked, norm, sl,
+                                       block_n=bn, block_k=bk, num_warps=warps)])  # fmt: skip
+            name = "lm_head+topk" if sl is None else f"lm_head+topk, shortlist {args.shortlist}"
+            if us is not None:
+                results.append({"rows": m, "shape": name, "fmt": fmt, "us": us, "GBps": nbytes(w) / us / 1e3,
+                                "impl": f"fused bn={bn} bk={bk} warps={warps}"})  # fmt: skip
+        if fmt == "fp16":
+            us = graph_us([partial(fused.lm_head_topk_reference, x, w, VOCAB, 8, 2, blocked, norm)])
+            results.append({"rows": m, "shape": "lm_head+topk", "fmt": fmt, "impl": "torch (cuBLAS)",
+                            "us": us, "GBps": nbytes(w) / us / 1e3})  # fmt: skip
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/kernels"))
@@ -122,68 +187,15 @@ def main() -> None:
     ap.add_argument("--contexts", default="32,64,128", help="context lengths of the paged attention timings")
     ap.add_argument("--chunks", default=f"16,{kernels.CHUNK}", help="attention chunk sizes to time")
     args = ap.parse_args()
+    shapes = args.shapes.split(",")
     results = []
-    norm = torch.nn.LayerNorm(HIDDEN, device="cuda", dtype=torch.float16)
     for m in (int(r) for r in args.rows.split(",")):
-        for name, (n, k, ln, has_bias, act, has_res) in SHAPES.items():
-            if name not in args.shapes.split(","):
-                continue
-            lnorm = norm if ln else torch.nn.LayerNorm(k, device="cuda", dtype=torch.float16)
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            bias = torch.randn(n, device="cuda", dtype=torch.float16) if has_bias else None
-            res = torch.randn(m, n, device="cuda", dtype=torch.float16) if has_res else None
-            for fmt in args.formats.split(","):
-                copies = [
-                    weights(fmt, n, k) for _ in range(max(2, 2 * L2_BYTES // nbytes(weights(fmt, n, k))))
-                ]
-                kw = dict(bias=bias, norm=lnorm if ln else None, act=act, residual=res)
-                configs = [(None, None, None, None)]
-                if args.sweep and m == 1:  # one-row tiles, and the 16-row tile tl.dot would need
-                    tiles = itertools.product((4, 8, 16), (b for b in (1024, 2048) if b <= k), (2, 4, 8))
-                    configs += [(bn, bk, warps, 1) for bn, bk, warps in tiles] + [(None, None, None, 16)]
-                splits = [None if sk == "auto" else int(sk) for sk in args.split_k.split(",")]
-                for (bn, bk, warps, bm), sk in itertools.product(configs, splits):
-                    calls = [partial(fused.linear_triton, x, w, n, block_n=bn, block_k=bk, num_warps=warps,
-                                     split_k=sk, block_m=bm, **kw) for w in copies]  # fmt: skip
-                    us = try_graph_us(calls)
-                    if us is not None:
-                        impl = f"fused bm={bm or 'auto'} bn={bn} bk={bk} warps={warps} split={sk or 'auto'}"
-                        results.append({"rows": m, "shape": name, "fmt": fmt, "us": us, "impl": impl})
-                if fmt == "fp16":  # what runs without the fused kernels: LN, cuBLAS with bias, GELU, add
-                    us = graph_us([partial(torch_path, x, w, **kw) for w in copies])
-                    results.append({"rows": m, "shape": name, "fmt": fmt, "impl": "torch (cuBLAS)", "us": us})
-                else:  # above fused.MAX_ROWS: the whole weight dequantized, then the same composition
-                    us = graph_us([partial(fused.linear_reference, x, w, n, **kw) for w in copies])
-                    results.append(
-                        {"rows": m, "shape": name, "fmt": fmt, "impl": "dequantize + cuBLAS", "us": us}
-                    )
-                for r in results:
-                    r.setdefault("GBps", nbytes(copies[0]) / r["us"] / 1e3)
-        if "lm_head" in args.shapes.split(","):
-            blocked = torch.zeros(m, dtype=torch.long, device="cuda")
-            x = torch.randn(m, HIDDEN, device="cuda", dtype=torch.float16)
-            allowed = torch.zeros(m + 1, VOCAB, dtype=torch.uint8, device="cuda")
-            allowed[:m, torch.randperm(VOCAB, device="cuda")[: args.shortlist]] = 1
-            short = fused.Shortlist.of(allowed, torch.arange(m, device="cuda"))
-            for fmt in args.formats.split(","):
-                w = weights(fmt, VOCAB, HIDDEN)
-                configs = [(None, None, None, None)]
-                if args.sweep and m == 1:
-                    configs += list(itertools.product((64, 128, 256), (128, 256), (4, 8), (None,)))
-                for (bn, bk, warps, bm), sl in itertools.product(configs, (None, short)):
-                    us = try_graph_us([partial(fused.lm_head_topk_triton, x, w, VOCAB, 8, 2, blocked, norm, sl,
-                                               block_n=bn, block_k=bk, num_warps=warps, block_m=bm)])  # fmt: skip
-                    name = "lm_head+topk" if sl is None else f"lm_head+topk, shortlist {args.shortlist}"
-                    if us is not None:
-                        results.append({"rows": m, "shape": name, "fmt": fmt, "us": us, "GBps": nbytes(w) / us / 1e3,
-                                        "impl": f"fused bm={bm or 'auto'} bn={bn} bk={bk} warps={warps}"})  # fmt: skip
-                if fmt == "fp16":
-                    us = graph_us([partial(fused.lm_head_topk_reference, x, w, VOCAB, 8, 2, blocked, norm)])
-                    results.append({"rows": m, "shape": "lm_head+topk", "fmt": fmt, "impl": "torch (cuBLAS)",
-                                    "us": us, "GBps": nbytes(w) / us / 1e3})  # fmt: skip
-        chunks = [int(c) for c in args.chunks.split(",")]
-        for ctx in (int(c) for c in args.contexts.split(",") if "attention" in args.shapes.split(",")):
-            results += attention(m, ctx, chunks)
+        results += linears(args, m)
+        if "lm_head" in shapes:
+            results += lm_heads(args, m)
+        if "attention" in shapes:
+            for ctx in (int(c) for c in args.contexts.split(",")):
+                results += attention(m, ctx, [int(c) for c in args.chunks.split(",")])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(results, indent=2) + "\n")
     print(

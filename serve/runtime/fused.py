@@ -12,9 +12,13 @@ into its epilogue. Weights stay in the checkpoint's layout and are dequantized i
 | INT8 (W8A16) | int8 [K, N], stored K-contiguous at load (`quant.kernel_layout`) | per output channel [N] |
 | INT4 (W4A16_AWQ) | int8 [N/2, K], rows 2j / 2j+1 in the low / high nibble | [N, K/group], x scaled by [K] first |
 
-A decode-shaped layer can have fewer output tiles than the GPU has SMs; where it also has a long
-K loop (the FFN output, every int4 layer), `_split_k` splits K across programs, and the last
-program of each tile sums the partials in a fixed order, so results stay deterministic.
+One row (batch 1) takes register dot products over narrow slabs of the whole K instead of
+`tl.dot`, which needs 16 rows, and requests its weights before it waits for the previous kernel
+(`kernels.pdl_wait`), so a layer's weights stream in while the layer before it finishes. More rows
+take `tl.dot` tiles. A decode-shaped layer can have fewer output tiles than the GPU has SMs; where
+it also has a long K loop (the FFN output, every int4 layer), `_split_k` splits K across programs,
+and the last program of each tile sums the partials in a fixed order, so results stay deterministic.
+The self-attention QKV projection also stores its K and V thirds in the paged cache (`KVOut`).
 
 `lm_head_topk_triton` runs the final LayerNorm and the lm_head the same way, but never writes the
 [rows, vocab] logits: each program reduces its vocabulary tile to a softmax partial (max, sum
@@ -547,8 +551,7 @@ class Shortlist:
 def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id: int, eos_blocked: torch.Tensor,
                         norm: torch.nn.LayerNorm | None = None, shortlist: Shortlist | None = None,
                         block_n: int | None = None, block_k: int | None = None,
-                        num_warps: int | None = None,
-                        block_m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                        num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Top-k log-probabilities and ids [rows, k] of softmax(LN(x) W^T)[:, :vocab], EOS masked where blocked,
     over each row's shortlist where one is given (log-probabilities normalized over it)."""
     x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
@@ -556,7 +559,7 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
     # measured best on the H100 at one row: wide float tiles with 8 warps; 128 x 128 (x 64 for int4)
     float_tiles = w.fmt == FLOAT
     block_n = block_n or (256 if float_tiles else 128)
-    bm = block_m or max(16, _block_m(m))
+    bm = max(16, _block_m(m))  # one-row register dot products measured 3-5x slower over these wide tiles
     block_k = _cap_k(bm, block_n, block_k or (128 if w.fmt != INT4 else min(64, w.group)), x.element_size())
     num_warps = num_warps or (8 if float_tiles else 4)
     tiles = triton.cdiv(vocab, block_n)
