@@ -452,8 +452,8 @@ def linear_triton(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | None
         m, n, k, eps, x2.stride(0), wn, wk, sn, res.stride(0), y.stride(0), kp.stride(1) if fused_kv else 0,
         FMT=w.fmt, GROUP=w.group, HAS_LN=norm is not None, HAS_BIAS=bias is not None, ACT=ACT_CODES[act],
         HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=bk, BLOCK_S=_stats_block(bm, bk, k), KV=fused_kv, PDL=kernels.pdl(x), num_warps=num_warps or warps,
-        launch_pdl=kernels.pdl(x),
+        BLOCK_K=bk, BLOCK_S=_stats_block(bm, bk, k), KV=fused_kv, num_warps=num_warps or warps,
+        **kernels.pdl_args(x),
     )  # fmt: skip
     if kv is not None and not fused_kv:
         kv.store(y)
@@ -573,15 +573,15 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
         x2, w.weight, s, pre, g, beta, eos_blocked, sl.ids, sl.count, sl.rows, sl.allowed, pmax, psum, cval, cidx,
         m, vocab, kdim, eps, eos_id, x2.stride(0), wn, wk, sn, sl.allowed.stride(0), FMT=w.fmt, GROUP=w.group,
         HAS_LN=norm is not None, SHORTLIST=shortlist is not None, IEEE=x.dtype == torch.float32, TOPK=k,
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=_stats_block(bm, block_k, kdim), PDL=kernels.pdl(x),
-        num_warps=num_warps, launch_pdl=kernels.pdl(x),
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=_stats_block(bm, block_k, kdim),
+        num_warps=num_warps, **kernels.pdl_args(x),
     )  # fmt: skip
     values = torch.empty(m, k, dtype=torch.float32, device=x.device)
     ids = torch.empty(m, k, dtype=torch.long, device=x.device)
     block_c = triton.next_power_of_2(tiles * k)
     _topk_merge_kernel[(m,)](pmax, psum, cval, cidx, values, ids, tiles, TOPK=k,
-                             BLOCK_T=triton.next_power_of_2(tiles), BLOCK_C=block_c, PDL=kernels.pdl(x),
-                             num_warps=max(1, min(16, block_c // 1024)), launch_pdl=kernels.pdl(x))  # fmt: skip
+                             BLOCK_T=triton.next_power_of_2(tiles), BLOCK_C=block_c,
+                             num_warps=max(1, min(16, block_c // 1024)), **kernels.pdl_args(x))  # fmt: skip
     return values, ids
 
 

@@ -7,7 +7,7 @@ safe to capture in a CUDA graph with fixed-width tables. The reference is the de
 kernel is tested against.
 
 It also holds what every decode kernel shares: whether Triton can run (`triton_ok`), and
-programmatic dependent launch (`pdl`): on Hopper, each kernel lets the next one start as soon as all
+programmatic dependent launch (`pdl_args`): on Hopper, each kernel lets the next one start as soon as all
 of its programs are running, and the next one reads weights, which no kernel writes, before
 `pdl_wait` blocks it until its predecessor has finished; so a layer's weights are already on
 their way while the previous layer ends.
@@ -39,10 +39,12 @@ def triton_ok(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or CPU_INTERPRETER)
 
 
-def pdl(x: torch.Tensor) -> bool:
-    """Whether kernels on x's device launch with programmatic dependent launch (Hopper and later;
-    `MT_PDL=0` turns it off)."""
-    return PDL and x.is_cuda and _hopper_or_later(x.device.index)
+def pdl_args(x: torch.Tensor) -> dict[str, bool]:
+    """Launch arguments of a kernel on x's device: with programmatic dependent launch (Hopper and later;
+    `MT_PDL=0` turns it off), both the launch attribute and the kernel's `PDL` flag, which compiles
+    in the waits that make the early launch safe; never one without the other."""
+    on = PDL and x.is_cuda and _hopper_or_later(x.device.index)
+    return {"PDL": on, "launch_pdl": on}
 
 
 @functools.cache
@@ -151,7 +153,7 @@ def paged_attention_triton(
         q, k_pool, v_pool, tables, lens, out, scale,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), tables.stride(0),
         out.stride(0), out.stride(1), BLOCK_SIZE=k_pool.shape[1], HEAD_DIM=head_dim, CHUNK=chunk,
-        PDL=pdl(q), launch_pdl=pdl(q),
+        **pdl_args(q),
     )  # fmt: skip
     return out
 
@@ -174,7 +176,7 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k:
     n, heads, head_dim = k.shape
     _write_kv_kernel[(n, heads)](
         k, v, slots, k_pool, v_pool, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_pool.stride(1), k_pool.stride(2), HEAD_DIM=head_dim, PDL=pdl(k), launch_pdl=pdl(k),
+        k_pool.stride(1), k_pool.stride(2), HEAD_DIM=head_dim, **pdl_args(k),
     )  # fmt: skip
 
 
