@@ -148,9 +148,10 @@ def step_time_batch1(tr: Translator, item, new_tokens: int) -> float:
     return (time.perf_counter() - start) / max(steps, 1)
 
 
-def graph_replay_ms(tr: Translator, rows: int = 1, n: int = 50) -> float:
-    """GPU time of the `rows` decode graph alone (the step minus host-side scheduling)."""
-    graph = tr.engine.runner.graphs.get(rows)
+def graph_replay_ms(tr: Translator, rows: int = 1, k: int = 1, n: int = 50) -> float:
+    """GPU time of the `rows` decode graph alone (the step minus host-side scheduling), top-`k` (1:
+    greedy steps, as measured)."""
+    graph = tr.engine.runner.graphs.get((rows, k))
     if graph is None:
         return float("nan")
     for _ in range(3):

@@ -127,6 +127,9 @@ def linears(args: argparse.Namespace, m: int) -> list[dict]:
             if args.sweep and m == 1:  # one-row tiles, and the 16-row tile tl.dot would need
                 tiles = itertools.product((4, 8, 16), (b for b in (1024, 2048) if b <= k), (2, 4, 8))
                 configs += [(bn, bk, warps, 1) for bn, bk, warps in tiles] + [(None, None, None, 16)]
+            elif args.sweep:  # tl.dot tiles
+                tiles = itertools.product((32, 64, 128), (64, 128, 256), (4, 8))
+                configs += [(bn, bk, warps, None) for bn, bk, warps in tiles]
             splits = [None if sk == "auto" else int(sk) for sk in args.split_k.split(",")]
             for (bn, bk, warps, bm), sk in itertools.product(configs, splits):
                 calls = [partial(fused.linear_triton, x, w, n, block_n=bn, block_k=bk, num_warps=warps,
@@ -158,12 +161,13 @@ def lm_heads(args: argparse.Namespace, m: int) -> list[dict]:
     for fmt in args.formats.split(","):
         w = weights(fmt, VOCAB, HIDDEN)
         configs = [(None, None, None)]
-        if args.sweep and m == 1:
-            configs += list(itertools.product((64, 128, 256), (128, 256), (4, 8)))
-        for (bn, bk, warps), sl in itertools.product(configs, (None, short)):
-            us = try_graph_us([partial(fused.lm_head_topk_triton, x, w, VOCAB, 8, 2, blocked, norm, sl,
+        if args.sweep:
+            configs += list(itertools.product((128, 256), (64, 128), (4, 8)))
+        topks = [int(t) for t in args.topk.split(",")]
+        for (bn, bk, warps), sl, topk in itertools.product(configs, (None, short), topks):
+            us = try_graph_us([partial(fused.lm_head_topk_triton, x, w, VOCAB, topk, 2, blocked, norm, sl,
                                        block_n=bn, block_k=bk, num_warps=warps)])  # fmt: skip
-            name = "lm_head+topk" if sl is None else f"lm_head+topk, shortlist {args.shortlist}"
+            name = f"lm_head+top{topk}" + ("" if sl is None else f", shortlist {args.shortlist}")
             if us is not None:
                 results.append({"rows": m, "shape": name, "fmt": fmt, "us": us, "GBps": nbytes(w) / us / 1e3,
                                 "impl": f"fused bn={bn} bk={bk} warps={warps}"})  # fmt: skip
@@ -178,7 +182,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/kernels"))
     ap.add_argument("--rows", default="1,16,64")
-    ap.add_argument("--sweep", action="store_true", help="also try other tile shapes at 1 row")
+    ap.add_argument("--sweep", action="store_true", help="also try other tile shapes (one-row ones at 1 row)")
+    ap.add_argument(
+        "--topk", default="1,8", help="K of the lm_head top-K timings (1: greedy steps, 8: beams)"
+    )
     ap.add_argument("--formats", default="fp16,int8,int4", help="weight formats to time")
     ap.add_argument("--shapes", default=",".join([*SHAPES, "lm_head", "attention"]), help="kernels to time")
     ap.add_argument("--shortlist", type=int, default=32000, help="tokens of the shortlisted lm_head case")

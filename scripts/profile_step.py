@@ -1,8 +1,9 @@
-"""Where a decode step's time goes: GPU kernels of the batch-1 graph, host time of an engine step.
+"""Where a decode step's time goes: GPU kernels of decode graphs, host time of an engine step.
 
-Prints (and writes as JSON to --out) the kernels of one batch-1 decode graph replay grouped by
-name with their GPU time, the graph's replay time at several row counts, and the host
-functions that dominate an engine step at --rows concurrent requests (cProfile).
+Prints (and writes as JSON to --out) the kernels of one greedy decode graph replay at each of
+--kernel-rows grouped by name with their GPU time, every graph's replay time (by rows and K), how
+a closed loop at --rows concurrent requests splits its wall time between host work and waiting for
+the device, and the host functions that dominate an engine step there (cProfile).
 
     python scripts/profile_step.py --out out/profile          # GPU machine, mBART-large shape
     python scripts/profile_step.py --smoke --out /tmp/prof    # tiny model on CPU
@@ -17,6 +18,7 @@ import json
 import pstats
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -26,14 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convert.__main__ import convert_checkpoint  # noqa: E402
 from convert.tiny import LARGE_DIMS, build_tiny_mbart  # noqa: E402
 from scripts.bench import graph_replay_ms, run_engine, sync, workload  # noqa: E402
+from serve.runtime.decode_step import LaunchedStep  # noqa: E402
 from serve.runtime.translator import Translator  # noqa: E402
 
 
 def kernel_table(tr: Translator, rows: int) -> list[dict]:
-    """GPU kernels of one replay of the `rows` graph, grouped by name, slowest first."""
+    """GPU kernels of one replay of the greedy `rows` graph, grouped by name, slowest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    graph = tr.engine.runner.graphs[rows][0]
+    graph = tr.engine.runner.graphs[rows, 1][0]
     graph.replay()
     sync(tr.device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -47,6 +50,29 @@ def kernel_table(tr: Translator, rows: int) -> list[dict]:
         g["count"] += 1
         g["us"] += e.device_time
     return sorted(groups.values(), key=lambda g: -g["us"])
+
+
+def host_split(tr: Translator, items, rows: int, new_tokens: int) -> dict:
+    """A closed loop at `rows` clients (no profiler): its wall time, the part the host spent waiting
+    for decode steps, and the rest (host work) per engine step. Host-bound where waiting is small."""
+    waited, wait = [0.0], LaunchedStep.wait
+
+    def timed(step: LaunchedStep):
+        start = time.perf_counter()
+        try:
+            return wait(step)
+        finally:
+            waited[0] += time.perf_counter() - start
+
+    steps = tr.engine.steps
+    LaunchedStep.wait = timed
+    try:
+        res = run_engine(tr, items[: 2 * rows], rows, new_tokens)
+    finally:
+        LaunchedStep.wait = wait
+    steps = tr.engine.steps - steps
+    return {"tokens_per_s": res["tokens_per_s"], "wall_s": res["wall_s"], "waiting_s": waited[0], "steps": steps,
+            "host_ms_per_step": (res["wall_s"] - waited[0]) / steps * 1e3}  # fmt: skip
 
 
 def host_profile(tr: Translator, items, rows: int, new_tokens: int) -> tuple[float, str]:
@@ -67,6 +93,7 @@ def main() -> None:
     ap.add_argument("--ckpt", type=Path, help="a converted checkpoint (default: random mBART-large, fp16)")
     ap.add_argument("--rows", type=int, default=64, help="concurrent requests for the host profile")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--kernel-rows", default="1,64", help="row buckets whose graphs' kernels are listed")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -77,26 +104,33 @@ def main() -> None:
         ckpt = work / "ckpt"
         convert_checkpoint(str(hf), ckpt, 1, "float32" if args.smoke else "float16", progress=False)
     tr = Translator.load(ckpt, device=device, max_batch_size=args.rows)
+    tr.engine.warm_up()  # every graph and encoder kernel, so that the host profile compiles nothing
     items = workload(tr.tokenizer, 2 * args.rows)
-    run_engine(tr, items[:4], 1, 8)
+    run_engine(tr, items[: args.rows], args.rows, 4)
     report: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": args.rows}
-    run_engine(tr, items[: args.rows], args.rows, 4)  # capture the graphs this load uses
     if cuda:
-        report["replay_ms"] = {r: graph_replay_ms(tr, r) for r in sorted(tr.engine.runner.graphs)}
-        report["kernels_batch1"] = kernel_table(tr, 1)
+        graphs = sorted(tr.engine.runner.graphs)
+        report["replay_ms"] = {f"{r} rows, k={k}": graph_replay_ms(tr, r, k) for r, k in graphs}
+        rows = [r for r in map(int, args.kernel_rows.split(",")) if (r, 1) in tr.engine.runner.graphs]
+        report["kernels"] = {r: kernel_table(tr, r) for r in rows}
+    report["host_split"] = host_split(tr, items, args.rows, args.new_tokens)
     report["tokens_per_s"], report["host_profile"] = host_profile(tr, items, args.rows, args.new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     if cuda:
-        ks = report["kernels_batch1"]
-        print(
-            f"batch-1 graph: {sum(k['count'] for k in ks)} kernels, {sum(k['us'] for k in ks):.0f} us of GPU time"
-        )
-        print("| kernel | count | us |\n|---|---|---|")
-        for k in ks[:25]:
-            print(f"| {k['name']} | {k['count']} | {k['us']:.1f} |")
-        print("replay ms by rows:", {r: round(v, 3) for r, v in report["replay_ms"].items()})
-    print(f"closed loop at {args.rows} clients: {report['tokens_per_s']:.0f} tok/s")
+        for rows, ks in report["kernels"].items():
+            total = sum(k["us"] for k in ks)
+            print(
+                f"{rows}-row greedy graph: {sum(k['count'] for k in ks)} kernels, {total:.0f} us of GPU time"
+            )
+            print("| kernel | count | us |\n|---|---|---|")
+            for k in ks[:25]:
+                print(f"| {k['name']} | {k['count']} | {k['us']:.1f} |")
+        print("replay ms:", {g: round(v, 3) for g, v in report["replay_ms"].items()})
+    split = report["host_split"]
+    print(f"closed loop at {args.rows} clients: {split['tokens_per_s']:.0f} tok/s, {split['steps']} steps in "
+          f"{split['wall_s'] * 1e3:.0f} ms, {split['waiting_s'] * 1e3:.0f} ms of them waiting for the device, "
+          f"host work {split['host_ms_per_step']:.2f} ms per step; under cProfile {report['tokens_per_s']:.0f} tok/s")  # fmt: skip
     print(report["host_profile"])
 
 

@@ -369,8 +369,10 @@ class Engine:
                 sources.extend([src] * len(toks))
                 last.append(len(rows) - 1)
         beams = [len(f) for f in feeds]
+        greedy = all(run.req.params.beam_size == 1 for run in runs)
         try:
-            return _Launched(runs, self.runner.launch(rows, tokens, positions, blocked, sources), last, beams)
+            step = self.runner.launch(rows, tokens, positions, blocked, sources, greedy)
+            return _Launched(runs, step, last, beams)
         except Exception as err:
             return _Launched(runs, None, last, beams, error=err)
 

@@ -4,15 +4,16 @@ Block tables live on the device in fixed "rows" (one per running beam), written 
 request is admitted. A step then uploads only five integers per query row (row, token,
 position, EOS-blocked, token source) in one copy; slots, context lengths and tables are derived on the
 device. The step returns, for every query row, the top-K log-probabilities and token ids:
-all greedy (K=1) and beam search (the best 2*beam of each beam contain the best 2*beam
-overall) need, so only [rows, K] numbers come back instead of [rows, vocab] logits. They are
+all greedy (K=1) and beam search (K=2*beam: the best 2*beam of each beam contain the best 2*beam
+overall) need, so only [rows, K] numbers come back instead of [rows, vocab] logits. A step of
+greedy requests alone asks for K=1, which spares the lm_head kernel the other candidates' passes. They are
 copied to the host as the step ends, and `launch` returns before that: the engine prepares
 the next step meanwhile. A query row may take its input token from the previous launch's top-1
 choice on the device (`sources`), so a greedy request's next step can be launched before the
 host has seen its last token.
 
 On CUDA, steps of up to `max_rows` query rows replay CUDA graphs captured per row-count
-bucket; padding rows point at a scratch row whose blocks no sequence owns.
+bucket and K; padding rows point at a scratch row whose blocks no sequence owns.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class DecodeRunner:
         self.union_ids = torch.zeros(vocab, dtype=torch.int32, device=dev)
         self.union_count = torch.zeros(1, dtype=torch.int32, device=dev)
         self.buckets = ([b for b in BUCKETS if b < max_rows] + [max_rows]) if use_graphs else []
-        self.graphs: dict[
-            int, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+        self.graphs: dict[  # by (rows bucket, K)
+            tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
         ] = {}
         self._mempool = None
         # the top-1 id of each query row of the latest launch, which the next launch may feed back
@@ -127,14 +128,14 @@ class DecodeRunner:
         t = [torch.tensor(x, device=self.device) for x in (rows, tokens, positions)]
         return self.decoder(self.batch(*t, self._widths(rows, positions)), self.pool.layers).cpu()
 
-    def _topk(self, inputs: torch.Tensor, widths: tuple[int, int] | None = None):
+    def _topk(self, inputs: torch.Tensor, k: int, widths: tuple[int, int] | None = None):
         rows, tokens, positions, eos_blocked, sources = inputs
         tokens = torch.where(sources == HOST_TOKEN, tokens, self.chosen[sources.clamp(min=0)])
         batch = self.batch(rows, tokens, positions, widths)
         shortlist = None
         if self.allowed is not None:
             shortlist = Shortlist(self.allowed, rows, self.union_ids, self.union_count)
-        values, ids = self.decoder.topk(batch, self.pool.layers, self.k, self.eos_id, eos_blocked, shortlist)
+        values, ids = self.decoder.topk(batch, self.pool.layers, k, self.eos_id, eos_blocked, shortlist)
         n = min(ids.shape[0], self.chosen.numel())
         self.chosen[:n] = ids[:n, 0]
         return values, ids
@@ -144,22 +145,23 @@ class DecodeRunner:
         return launched.rows <= self.chosen.numel()
 
     def launch(self, rows: list[int], tokens: list[int], positions: list[int], eos_blocked: list[bool],
-               sources: list[int] | None = None) -> LaunchedStep:  # fmt: skip
+               sources: list[int] | None = None, greedy: bool = False) -> LaunchedStep:  # fmt: skip
         """Start the step of these query rows and return without waiting for it.
 
         `sources[i]`, where not `HOST_TOKEN`, is a query row of the previous launch whose top-1
-        id row i takes as its token instead of `tokens[i]`.
+        id row i takes as its token instead of `tokens[i]`. `greedy`: every row needs only its
+        top-1, so K is 1.
         """
-        n = len(rows)
+        n, k = len(rows), 1 if greedy else self.k
         if sources is None:
             sources = [HOST_TOKEN] * n
         packed = torch.tensor([rows, tokens, positions, eos_blocked, sources], dtype=torch.long)
         self._refresh_union()
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
-            values, ids = self._step(upload(packed, self.device), self._widths(rows, positions))
+            values, ids = self._step(upload(packed, self.device), k, self._widths(rows, positions))
         else:
-            graph, static, (values, ids) = self._graph(bucket)
+            graph, static, (values, ids) = self._graph(bucket, k)
             static[:, :n].copy_(packed.pin_memory(), non_blocking=True)  # queued: no host wait
             static[:, n:] = self._padding[:, : bucket - n]
             graph.replay()
@@ -180,24 +182,25 @@ class DecodeRunner:
             self.union_count.fill_(len(ids))
 
     def capture_graphs(self) -> None:
-        """Capture every bucket's graph now (compiling its kernels), so that no request waits for one."""
+        """Capture every bucket's graphs now (compiling their kernels), so that no request waits for one."""
         for n in self.buckets:
-            self._graph(n)
+            for k in sorted({1, self.k}):
+                self._graph(n, k)
 
-    def _graph(self, n: int):
-        if n not in self.graphs:
+    def _graph(self, n: int, k: int):
+        if (n, k) not in self.graphs:
             static = self._padding[:, :n].clone()
             chosen = self.chosen.clone()  # a capture may come between a launch and the one it feeds
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):  # compile/warm kernels outside the capture
-                    self._step(static)
+                    self._step(static, k)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.chosen.copy_(chosen)
             self._mempool = self._mempool or torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._mempool):
-                out = self._step(static)
-            self.graphs[n] = (graph, static, out)
-        return self.graphs[n]
+                out = self._step(static, k)
+            self.graphs[n, k] = (graph, static, out)
+        return self.graphs[n, k]

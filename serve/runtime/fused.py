@@ -313,12 +313,15 @@ if triton is not None:
             blocked = tl.load(blocked_ptr + rm, mask=m_ok, other=0) != 0
             sel = tl.where(blocked[:, None] & (cols == eos)[None, :], float("-inf"), logit)
             lanes = tl.arange(0, BLOCK_N)
-            for i in tl.static_range(TOPK):
-                best = tl.argmax(sel, axis=1)
-                pick = lanes[None, :] == best[:, None]
-                tl.store(cval_ptr + out + i, tl.max(sel, axis=1), mask=m_ok)
-                tl.store(cidx_ptr + out + i, tl.sum(tl.where(pick, cols[None, :], 0), axis=1), mask=m_ok)
-                sel = tl.where(pick, float("-inf"), sel)
+            for i in tl.static_range(TOPK):  # one reduction per candidate; the id is read back by position
+                val, best = tl.max(sel, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                tl.store(cval_ptr + out + i, val, mask=m_ok)
+                idx = tile * BLOCK_N + best
+                if SHORTLIST:
+                    idx = tl.load(ids_ptr + idx, mask=m_ok, other=0)
+                tl.store(cidx_ptr + out + i, idx, mask=m_ok)
+                if i + 1 < TOPK:
+                    sel = tl.where(lanes[None, :] == best[:, None], float("-inf"), sel)
         else:  # past the shortlist's end: a partial that changes nothing
             tl.store(pmax_ptr + rm * tiles + tile, tl.full((BLOCK_M,), float("-inf"), tl.float32), mask=m_ok)
             tl.store(psum_ptr + rm * tiles + tile, tl.zeros((BLOCK_M,), tl.float32), mask=m_ok)
@@ -553,7 +556,13 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
                         block_n: int | None = None, block_k: int | None = None,
                         num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Top-k log-probabilities and ids [rows, k] of softmax(LN(x) W^T)[:, :vocab], EOS masked where blocked,
-    over each row's shortlist where one is given (log-probabilities normalized over it)."""
+    over each row's shortlist where one is given (log-probabilities normalized over it).
+
+    Several rows are normalized first, by one LayerNorm launch: in the kernel, each of the ~1000
+    vocabulary tiles would read all rows twice more for their statistics (at 64 rows on the H200,
+    as much traffic as the weights themselves)."""
+    if norm is not None and x.numel() > x.shape[-1]:
+        x, norm = norm(x), None
     x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
     m, kdim = x2.shape
     # measured best on the H100 at one row: wide float tiles with 8 warps; 128 x 128 (x 64 for int4)
