@@ -3,8 +3,9 @@
 A decode step multiplies a few rows by every weight matrix, so each layer costs a launch and
 a pass over its weights; the LayerNorm, bias, GELU and residual add around it cost launches of
 their own. `linear` folds them into the matmul: the LayerNorm into its prologue (every program
-recomputes its rows' statistics, which are tiny next to the weight tile it streams), the rest
-into its epilogue. Weights stay in the checkpoint's layout and are dequantized in registers:
+recomputes its rows' statistics, which are small next to the weight tile it streams below
+`NORM_FIRST_ROWS` rows; from there the norm runs first, as its own launch), the rest into its
+epilogue. Weights stay in the checkpoint's layout and are dequantized in registers:
 
 | fmt | weight (TRT-LLM checkpoint layout) | scales |
 |---|---|---|
@@ -60,6 +61,11 @@ ACT_CODES = {None: 0, "gelu": 1, "gelu_new": 2, "relu": 3}
 # fused vs 135 dequantized, int4 114 vs 327). The lm_head top-K pays at every batch.
 MAX_ROWS = {FLOAT: 16, INT8: 128, INT4: 128}
 LM_HEAD_MAX_ROWS = 256
+# From this many rows a linear's LayerNorm runs as its own launch before it: inside, every output tile
+# reads all rows twice more for the statistics. On the H200, norm-first at 16 / 64 rows (the launch
+# included): fp16 QKV 9.3 -> 8.1 / 15.1 -> 8.9 us, int4 QKV 19.6 -> 11.0 / 30.8 -> 14.6, int8 even at 16
+# rows and faster from 32 (`kernels-norm-first.json` under scripts/results/h200).
+NORM_FIRST_ROWS = 16
 # The most programs a split-K linear launches (the H100 has 132 SMs)
 SPLIT_PROGRAMS = {FLOAT: 128, INT8: 128, INT4: 256}
 LOCKS = 4096  # output tiles a split-K launch may have: one arrival counter each
@@ -434,6 +440,8 @@ def linear_triton(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | None
                   block_m: int | None = None, kv: KVOut | None = None) -> torch.Tensor:  # fmt: skip
     """act(LN(x) W^T + bias)[:, :n] + residual in one launch (see the module docstring); with `kv`, the
     K and V thirds of a fused QKV also go to the cache in the same launch."""
+    if norm is not None and x.numel() >= NORM_FIRST_ROWS * x.shape[-1]:
+        x, norm = norm(x), None
     x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
     m, k = x2.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -561,7 +569,7 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
     Several rows are normalized first, by one LayerNorm launch: in the kernel, each of the ~1000
     vocabulary tiles would read all rows twice more for their statistics (at 64 rows on the H200,
     as much traffic as the weights themselves)."""
-    if norm is not None and x.numel() > x.shape[-1]:
+    if norm is not None and x.numel() > x.shape[-1]:  # the vocabulary has far more tiles than a linear
         x, norm = norm(x), None
     x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
     m, kdim = x2.shape
