@@ -226,7 +226,9 @@ def _assert_layers_match_fake_quant(model, qmodel, batches, comps):
 
     with observe(model, [g for g in groups if g.key in layers], check) as set_batch:
         run_batches(model, set_batch, batches)
-    assert counts["all"] > 0 and counts["off"] / counts["all"] < 1e-3, counts
+    # how many flips there are depends on the CPU's matmul kernels: 0.106% of outputs on one machine
+    # (torch 2.13 CPU), under 0.1% on others; a wrong scale or layout puts most of them off
+    assert counts["all"] > 0 and counts["off"] / counts["all"] < 2e-3, counts
 
 
 def _dequantized_hf(model, tr):

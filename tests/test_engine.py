@@ -187,6 +187,34 @@ def test_look_ahead_gives_the_tokens_of_host_fed_steps(model, tok):
     assert not any(rec.looked_ahead for rec in traces[0] if "r2" in rec.decoded)
 
 
+def test_greedy_steps_ask_for_the_top1_only(model, tok, monkeypatch):
+    """A step of greedy requests alone takes K=1 from the lm_head; one with a beam request takes the
+    beam width's 2*max_beam_width candidates, and batching still changes no request's output."""
+    reqs = requests(tok, 3, max_new=8)
+    reqs[2].params = SamplingParams(beam_size=2, max_new_tokens=4)
+    engine = make_engine(model, tok, trace_steps=1000)
+    widths, launch = [], engine.runner.launch
+
+    def spy(*args):
+        step = launch(*args)
+        widths.append(step.ids.shape[1])
+        return step
+
+    monkeypatch.setattr(engine.runner, "launch", spy)
+    engine.add(reqs[0])
+    engine.add(reqs[1])
+    results, failures = drain(engine, steps=3)
+    engine.add(reqs[2])  # joins while the greedy ones decode
+    results, failures = drain(engine, into=(results, failures))
+    assert not failures
+    launched = [rec.decoded for rec in engine.trace if rec.decoded]
+    for decoded, k in zip(launched, widths, strict=True):
+        assert k == (2 * engine.config.max_beam_width if "r2" in decoded else 1), decoded
+    assert {1, 2 * engine.config.max_beam_width} == set(widths)
+    for r in reqs:
+        assert results[r.request_id] == run_alone(model, tok, r)
+
+
 def test_a_failed_step_is_isolated_under_look_ahead(model, tok, monkeypatch):
     """A whole step that fails on the device (every request in it) is decoded again request by
     request; the step launched ahead of it is dropped, and every request still ends as alone."""
