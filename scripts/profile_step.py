@@ -3,7 +3,9 @@
 Prints (and writes as JSON to --out) the kernels of one greedy decode graph replay at each of
 --kernel-rows grouped by name with their GPU time, every graph's replay time (by rows and K), how
 a closed loop at --rows concurrent requests splits its wall time between host work and waiting for
-the device, and the host functions that dominate an engine step there (cProfile).
+the device, where in that loop the device idles (each gap between its kernels attributed to the engine
+phase the host was in; with a gzipped Chrome trace of the loop), and the host functions that dominate
+an engine step there (cProfile).
 
     python scripts/profile_step.py --out out/profile          # GPU machine, mBART-large shape
     python scripts/profile_step.py --smoke --out /tmp/prof    # tiny model on CPU
@@ -12,7 +14,10 @@ the device, and the host functions that dominate an engine step there (cProfile)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import functools
+import gzip
 import io
 import json
 import pstats
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convert.__main__ import convert_checkpoint  # noqa: E402
 from convert.tiny import LARGE_DIMS, build_tiny_mbart  # noqa: E402
 from scripts.bench import graph_replay_ms, run_engine, sync, workload  # noqa: E402
+from serve.engine.core import Engine  # noqa: E402
 from serve.runtime.decode_step import LaunchedStep  # noqa: E402
 from serve.runtime.translator import Translator  # noqa: E402
 
@@ -75,6 +81,67 @@ def host_split(tr: Translator, items, rows: int, new_tokens: int) -> dict:
             "host_ms_per_step": (res["wall_s"] - waited[0]) / steps * 1e3}  # fmt: skip
 
 
+@contextlib.contextmanager
+def engine_phases_labelled(phases=("_admit", "_encode", "_launch_ahead", "_launch", "_collect")):
+    """Name the engine's phases in profiler traces (`engine.admit`, ...), without touching its code."""
+    from torch.profiler import record_function
+
+    def labelled(name, fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with record_function(f"engine.{name.lstrip('_')}"):
+                return fn(*args, **kwargs)
+
+        return run
+
+    saved = {name: getattr(Engine, name) for name in phases}
+    for name, fn in saved.items():
+        setattr(Engine, name, labelled(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(Engine, name, fn)
+
+
+def device_timeline(tr: Translator, items, rows: int, new_tokens: int, out: Path) -> dict:
+    """Where the device idles in a closed loop at `rows` clients (under the profiler, which slows the
+    host a little): the gaps between its kernels and copies, each attributed to the innermost engine
+    phase the host was in when the gap began. Writes the loop's Chrome trace to `out`/trace.json.gz."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with engine_phases_labelled(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        res = run_engine(tr, items[: 2 * rows], rows, new_tokens)
+    trace = out / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    with trace.open("rb") as src, gzip.open(out / "trace.json.gz", "wb") as dst:
+        dst.write(src.read())
+    trace.unlink()
+    events = prof.events()
+    device = [(e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA"]
+    phases = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.name.startswith("engine.")]
+    return {"tokens_per_s": res["tokens_per_s"], **idle_gaps(device, phases)}
+
+
+def idle_gaps(device: list[tuple[float, float]], phases: list[tuple[float, float, str]]) -> dict:
+    """Device busy time, and its idle gaps (µs ranges in, ms out) by the innermost host phase that was
+    running when each gap began."""
+    device, phases = sorted(device), sorted(phases)
+    idle: dict[str, float] = {}
+    gaps, end = [], device[0][1]
+    for start, stop in device[1:]:
+        if start > end:
+            inside = [p for p in phases if p[0] <= end < p[1]]
+            phase = max(inside)[2] if inside else "outside the engine"
+            idle[phase] = idle.get(phase, 0.0) + (start - end) / 1e3
+            gaps.append({"at_ms": (end - device[0][0]) / 1e3, "ms": (start - end) / 1e3, "phase": phase})
+        end = max(end, stop)
+    span = (end - device[0][0]) / 1e3
+    return {"span_ms": span, "device_busy_ms": span - sum(idle.values()),
+            "idle_ms_by_host_phase": dict(sorted(idle.items(), key=lambda kv: -kv[1])),
+            "largest_gaps": sorted(gaps, key=lambda g: -g["ms"])[:20]}  # fmt: skip
+
+
 def host_profile(tr: Translator, items, rows: int, new_tokens: int) -> tuple[float, str]:
     """tokens/s of a closed loop at `rows` clients under cProfile, and its top functions."""
     prof = cProfile.Profile()
@@ -116,6 +183,8 @@ def main() -> None:
     report["host_split"] = host_split(tr, items, args.rows, args.new_tokens)
     report["tokens_per_s"], report["host_profile"] = host_profile(tr, items, args.rows, args.new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
+    if cuda:
+        report["device_timeline"] = device_timeline(tr, items, args.rows, args.new_tokens, args.out)
     (args.out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     if cuda:
         for rows, ks in report["kernels"].items():
@@ -127,6 +196,10 @@ def main() -> None:
             for k in ks[:25]:
                 print(f"| {k['name']} | {k['count']} | {k['us']:.1f} |")
         print("replay ms:", {g: round(v, 3) for g, v in report["replay_ms"].items()})
+        t = report["device_timeline"]
+        print(f"device timeline at {args.rows} clients (profiled, {t['tokens_per_s']:.0f} tok/s): busy "
+              f"{t['device_busy_ms']:.1f} of {t['span_ms']:.1f} ms; idle ms by host phase:",
+              {k: round(v, 2) for k, v in t["idle_ms_by_host_phase"].items()})  # fmt: skip
     split = report["host_split"]
     print(f"closed loop at {args.rows} clients: {split['tokens_per_s']:.0f} tok/s, {split['steps']} steps in "
           f"{split['wall_s'] * 1e3:.0f} ms, {split['waiting_s'] * 1e3:.0f} ms of them waiting for the device, "
