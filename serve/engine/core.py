@@ -218,17 +218,25 @@ class Engine:
         return sum(len(r.rows) for r in self.running.values())
 
     def _reserve(self, req: GenerationRequest, beams: int, self_tokens: int) -> _Running:
-        """Allocate a request's blocks and table rows (the caller checked that they fit)."""
-        alloc, n_src = self.pool.allocator, len(req.encoder_ids)
-        run = _Running(
+        """Allocate a request's blocks (the caller checked that they fit); `_open` gives it its rows."""
+        alloc = self.pool.allocator
+        return _Running(
             req=req,
             search=Hypotheses(req.params, self.eos_id, length_offset=len(req.decoder_prefix) - 1),
-            cross_blocks=alloc.allocate(self.pool.blocks_for(n_src)),
+            cross_blocks=alloc.allocate(self.pool.blocks_for(len(req.encoder_ids))),
             beam_blocks=[alloc.allocate(self.pool.blocks_for(self_tokens)) for _ in range(beams)],
         )
-        tokens = self.shortlist.allowed(req.target_lang, req.encoder_ids) if self.shortlist else None
-        run.rows = [self.runner.open_row(b, run.cross_blocks, n_src, tokens) for b in run.beam_blocks]
-        return run
+
+    def _open(self, runs: list[_Running]) -> None:
+        """Give every beam of these requests its table row, all in one upload."""
+        beams = []
+        for run in runs:
+            req = run.req
+            tokens = self.shortlist.allowed(req.target_lang, req.encoder_ids) if self.shortlist else None
+            beams += [(b, run.cross_blocks, len(req.encoder_ids), tokens) for b in run.beam_blocks]
+        rows = iter(self.runner.open_rows(beams))
+        for run in runs:
+            run.rows = [next(rows) for _ in run.beam_blocks]
 
     def _free(self, run: _Running) -> None:
         self.pool.allocator.free(run.cross_blocks)
@@ -284,6 +292,8 @@ class Engine:
             admitted.append(run)
             tokens += len(req.encoder_ids)
             rows += k
+        if admitted:
+            self._open(admitted)
         return admitted
 
     def _encode(self, admitted: list[_Running], out: StepOutput) -> None:
@@ -410,6 +420,7 @@ class Engine:
         req = GenerationRequest("score", encoder_ids, decoder_ids, SamplingParams(max_new_tokens=1))
         self.validate(req)
         run = self._reserve(req, 1, len(decoder_ids))
+        self._open([run])
         try:
             self._encode_batch([run])
             n = len(decoder_ids)

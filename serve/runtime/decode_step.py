@@ -81,23 +81,28 @@ class DecodeRunner:
         self._padding = pad.expand(5, max(self.buckets, default=1))  # query rows that do nothing
 
     # ---- rows -------------------------------------------------------------------------------
-    def open_row(self, blocks: list[int], cross_blocks: list[int], cross_len: int,
-                 tokens: RowTokens | None = None) -> int:  # fmt: skip
-        """Claim a row for one beam: its self-attention blocks, its source's cross blocks and, under a
-        shortlist, the tokens it may emit (None: all). Nothing here waits for the device."""
-        row = self.free_rows.pop()
-        if self.allowed is not None:
-            if tokens is None:
-                self.allowed[row].fill_(1)
-            else:
-                self.allowed[row] = tokens.bits
-                self.allowed[row].index_fill_(0, upload(tokens.source_ids, self.device), 1)
-            self.union.open(row, tokens)
-        self.tables[row, : len(blocks)] = upload(blocks, self.device)
-        self.cross_tables[row, : len(cross_blocks)] = upload(cross_blocks, self.device)
-        self.cross_lens[row].fill_(cross_len)  # (an item assignment would wait for the device)
-        self.host_cross_lens[row] = cross_len
-        return row
+    def open_rows(self, beams: list[tuple[list[int], list[int], int, RowTokens | None]]) -> list[int]:
+        """Claim a row for each beam (self-attention blocks, its source's cross blocks and length and,
+        under a shortlist, the tokens it may emit; None: all) and write their tables in one upload and
+        three device copies, however many beams a step admits. Nothing here waits for the device."""
+        rows = [self.free_rows.pop() for _ in beams]
+        pad, width, cross_width = self.pool.scratch_block, self.tables.shape[1], self.cross_tables.shape[1]
+        packed = upload([[row, n, *blocks, *[pad] * (width - len(blocks)), *cross, *[pad] * (cross_width - len(cross))]
+                         for row, (blocks, cross, n, _) in zip(rows, beams, strict=True)], self.device)  # fmt: skip
+        index = packed[:, 0]
+        self.tables.index_copy_(0, index, packed[:, 2 : 2 + width])
+        self.cross_tables.index_copy_(0, index, packed[:, 2 + width :])
+        self.cross_lens.index_copy_(0, index, packed[:, 1])
+        for row, (_, _, n, tokens) in zip(rows, beams, strict=True):
+            self.host_cross_lens[row] = n
+            if self.allowed is not None:
+                if tokens is None:
+                    self.allowed[row].fill_(1)
+                else:
+                    self.allowed[row] = tokens.bits
+                    self.allowed[row].index_fill_(0, upload(tokens.source_ids, self.device), 1)
+                self.union.open(row, tokens)
+        return rows
 
     def close_row(self, row: int) -> None:
         self.free_rows.append(row)
