@@ -1,5 +1,6 @@
-"""The GPU scripts run end to end on CPU with the tiny model: scripts/bench.py --smoke and
-scripts/parity_gpu.py --shape tiny (fp32, where the runtime must match HF exactly)."""
+"""The GPU scripts run end to end on CPU with the tiny model: scripts/bench.py --smoke,
+scripts/profile_step.py --smoke and scripts/parity_gpu.py --shape tiny (fp32, where the runtime must
+match HF exactly)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,19 @@ def test_parity_script_tiny_fp32_is_exact(tmp_path):
     report = json.loads((tmp_path / "parity.json").read_text())
     assert report["max_abs_logit_diff"] <= 1e-4
     assert report["greedy_identical_sequences"] == report["sentences"] == 8
+
+
+def test_profile_smoke_splits_the_loop_and_idle_gaps_go_to_the_host_phase(tmp_path):
+    """profile_step runs on CPU (host split and cProfile; the device timeline needs CUDA), and its
+    gap attribution charges each device gap to the innermost host phase running when it began."""
+    from scripts.profile_step import idle_gaps
+
+    run(["scripts/profile_step.py", "--smoke", "--rows", "4", "--new-tokens", "4", "--out", str(tmp_path)])
+    split = json.loads((tmp_path / "profile.json").read_text())["host_split"]
+    assert split["steps"] > 4 and split["tokens_per_s"] > 0 and split["host_ms_per_step"] > 0
+
+    device = [(0, 100), (50, 120), (200, 300), (1300, 1400)]  # µs
+    phases = [(90, 250, "engine.collect"), (100, 150, "engine.launch"), (500, 2000, "engine.encode")]
+    t = idle_gaps(device, phases)
+    assert t["idle_ms_by_host_phase"] == {"outside the engine": 1.0, "engine.launch": 0.08}
+    assert abs(t["device_busy_ms"] - 0.32) < 1e-9 and t["span_ms"] == 1.4
