@@ -338,17 +338,21 @@ def main() -> None:
     print(f"device {report['device']}  copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s  "
           f"new tokens {args.new_tokens}")  # fmt: skip
     nan = float("nan")
-    cols = ["contender", "step ms b=1", "GPU ms b=1", "floor ms"] + [f"tok/s @{lv}" for lv in levels]
-    cols += ["p99 s @64", "TTFT p50 s @64", "peak GB"]
+    cols = ["contender", "step ms b=1", "GPU ms b=1", "GB read/step", "floor ms"]
+    cols += [f"tok/s @{lv}" for lv in levels] + ["p50 / p99 s @64", "TTFT p50 s @64", "weights GB", "peak GB"]
+    cols += ["KV seqs of 256"]
     print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
     for name, c in report["contenders"].items():
         if "error" in c:
             print(f"| {name} | failed: {c['error'][:80]} |")
             continue
         at64 = c["levels"].get("64", {})
-        cells = [name, c["step_ms_batch1"], c.get("graph_ms_batch1", nan), c.get("floor_ms", nan)]
+        cells = [name, c["step_ms_batch1"], c.get("graph_ms_batch1", nan), c.get("weight_bytes_per_step", nan) / 1e9,
+                 c.get("floor_ms", nan)]  # fmt: skip
         cells += [c["levels"][str(lv)]["tokens_per_s"] for lv in levels]
-        cells += [at64.get("p99_latency_s", nan), at64.get("p50_ttft_s", nan), c.get("peak_gpu_mem_GB", nan)]
+        cells += [f"{at64.get('p50_latency_s', nan):.3g} / {at64.get('p99_latency_s', nan):.3g}",
+                  at64.get("p50_ttft_s", nan), c.get("weight_bytes", nan) / 1e9, c.get("peak_gpu_mem_GB", nan),
+                  c.get("kv_capacity_seqs_256", nan)]  # fmt: skip
         print("| " + " | ".join(f"{x:.3g}" if isinstance(x, float) else str(x) for x in cells) + " |")
 
 
