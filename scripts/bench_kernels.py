@@ -158,12 +158,12 @@ def lm_heads(args: argparse.Namespace, m: int) -> list[dict]:
     allowed = torch.zeros(m + 1, VOCAB, dtype=torch.uint8, device="cuda")
     allowed[:m, torch.randperm(VOCAB, device="cuda")[: args.shortlist]] = 1
     short = fused.Shortlist.of(allowed, torch.arange(m, device="cuda"))
+    topks = [int(t) for t in args.topk.split(",")]
+    configs = [(None, None, None)]
+    if args.sweep:
+        configs += list(itertools.product((128, 256), (64, 128), (4, 8)))
     for fmt in args.formats.split(","):
         w = weights(fmt, VOCAB, HIDDEN)
-        configs = [(None, None, None)]
-        if args.sweep:
-            configs += list(itertools.product((128, 256), (64, 128), (4, 8)))
-        topks = [int(t) for t in args.topk.split(",")]
         for (bn, bk, warps), sl, topk in itertools.product(configs, (None, short), topks):
             us = try_graph_us([partial(fused.lm_head_topk_triton, x, w, VOCAB, topk, 2, blocked, norm, sl,
                                        block_n=bn, block_k=bk, num_warps=warps)])  # fmt: skip

@@ -8,9 +8,9 @@ all greedy (K=1) and beam search (K=2*beam: the best 2*beam of each beam contain
 overall) need, so only [rows, K] numbers come back instead of [rows, vocab] logits; a step of
 greedy requests alone asks for K=1, which spares the lm_head kernel the other candidates' passes.
 They are copied to the host as the step ends, and `launch` returns before that: the engine
-prepares the next step meanwhile. A query row may take its input token from the previous launch's top-1
-choice on the device (`sources`), so a greedy request's next step can be launched before the
-host has seen its last token.
+prepares the next step meanwhile. A query row may take its input token from the previous launch's
+top-1 choice on the device (`sources`), so a greedy request's next step can be launched before
+the host has seen its last token.
 
 On CUDA, steps of up to `max_rows` query rows replay CUDA graphs captured per row-count
 bucket and K; padding rows point at a scratch row whose blocks no sequence owns.

@@ -420,6 +420,14 @@ def usable(x: torch.Tensor, w: Weights | None, max_rows: int | None = None) -> b
     return 0 < rows <= (max_rows or MAX_ROWS[w.fmt])
 
 
+def _norm_first(x: torch.Tensor, norm: torch.nn.LayerNorm | None, min_rows: int):
+    """(LN(x), None) from `min_rows` rows on, as its own launch: a kernel's output tiles would each
+    re-read all rows twice for the statistics. Below that, (x, norm) for the kernel's prologue."""
+    if norm is not None and x.numel() >= min_rows * x.shape[-1]:
+        return norm(x), None
+    return x, norm
+
+
 def _common(x: torch.Tensor, w: Weights, norm: torch.nn.LayerNorm | None):
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -440,8 +448,7 @@ def linear_triton(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | None
                   block_m: int | None = None, kv: KVOut | None = None) -> torch.Tensor:  # fmt: skip
     """act(LN(x) W^T + bias)[:, :n] + residual in one launch (see the module docstring); with `kv`, the
     K and V thirds of a fused QKV also go to the cache in the same launch."""
-    if norm is not None and x.numel() >= NORM_FIRST_ROWS * x.shape[-1]:
-        x, norm = norm(x), None
+    x, norm = _norm_first(x, norm, NORM_FIRST_ROWS)
     x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
     m, k = x2.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -569,8 +576,7 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
     Several rows are normalized first, by one LayerNorm launch: in the kernel, each of the ~1000
     vocabulary tiles would read all rows twice more for their statistics (at 64 rows on the H200,
     as much traffic as the weights themselves)."""
-    if norm is not None and x.numel() > x.shape[-1]:  # the vocabulary has far more tiles than a linear
-        x, norm = norm(x), None
+    x, norm = _norm_first(x, norm, 2)  # the vocabulary has far more tiles than a linear
     x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
     m, kdim = x2.shape
     # measured best on the H100 at one row: wide float tiles with 8 warps; 128 x 128 (x 64 for int4)
