@@ -70,11 +70,12 @@ def attention(m: int, ctx: int, chunks: list[int], block: int = 16) -> list[dict
     q = torch.randn(m, HEADS, HIDDEN // HEADS, device="cuda", dtype=torch.float16)
     lens = torch.full((m,), ctx, device="cuda", dtype=torch.int32)
     out = []
-    for chunk in chunks:
-        us = graph_us([partial(kernels.paged_attention_triton, q, k, v, t, lens, 0.125, chunk=chunk)
+    early = {"": {}, " static": {"static": True}, " fresh_from": {"fresh_from": lens - 1}}  # fmt: skip
+    for chunk, (name, kw) in itertools.product(chunks, early.items()):
+        us = graph_us([partial(kernels.paged_attention_triton, q, k, v, t, lens, 0.125, chunk=chunk, **kw)
                        for k, v, t in pools])  # fmt: skip
         out.append({"rows": m, "shape": f"attention, context {ctx}", "fmt": "fp16", "us": us,
-                    "impl": f"triton chunk={chunk}", "GBps": kv_bytes / us / 1e3})  # fmt: skip
+                    "impl": f"triton chunk={chunk}{name}", "GBps": kv_bytes / us / 1e3})  # fmt: skip
     return out
 
 

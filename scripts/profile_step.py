@@ -161,6 +161,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64, help="concurrent requests for the host profile")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--kernel-rows", default="1,64", help="row buckets whose graphs' kernels are listed")
+    ap.add_argument(
+        "--replay-only", action="store_true", help="print every graph's replay time after warm-up, then stop"
+    )
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -172,6 +175,14 @@ def main() -> None:
         convert_checkpoint(str(hf), ckpt, 1, "float32" if args.smoke else "float16", progress=False)
     tr = Translator.load(ckpt, device=device, max_batch_size=args.rows)
     tr.engine.warm_up()  # every graph and encoder kernel, so that the host profile compiles nothing
+    if args.replay_only and cuda:
+        print(
+            {
+                f"{r} rows, k={k}": round(graph_replay_ms(tr, r, k, n=200), 4)
+                for r, k in sorted(tr.engine.runner.graphs)
+            }
+        )
+        return
     items = workload(tr.tokenizer, 2 * args.rows)
     run_engine(tr, items[: args.rows], args.rows, 4)
     report: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": args.rows}

@@ -215,6 +215,31 @@ def test_greedy_steps_ask_for_the_top1_only(model, tok, monkeypatch):
         assert results[r.request_id] == run_alone(model, tok, r)
 
 
+def test_each_row_says_where_this_steps_cache_writes_of_its_sequence_begin(model, tok, monkeypatch):
+    """`fresh_from` (the attention kernel reads the K/V before it early, before this step's QKV kernel has
+    written them) is each row's sequence's first position fed in the step: a prefix fed in one step has
+    them all from its first, beams and single tokens their own position. Too high a value would read
+    stale cache on a GPU, which no CPU run shows, hence this check."""
+    reqs = requests(tok, 3, max_new=6)
+    reqs[1].params = SamplingParams(beam_size=2, max_new_tokens=4)
+    engine = make_engine(model, tok)
+    seen, batch = [], engine.runner.batch
+
+    def spy(rows, tokens, positions, widths=None, fresh_from=None):
+        seen.append((rows.tolist(), positions.tolist(), fresh_from.tolist()))
+        return batch(rows, tokens, positions, widths, fresh_from)
+
+    monkeypatch.setattr(engine.runner, "batch", spy)
+    for r in reqs:
+        engine.add(r)
+    results, failures = drain(engine)
+    assert not failures and len(results) == 3
+    assert any(len(set(rows)) < len(rows) for rows, _, _ in seen)  # some step fed a prefix of several tokens
+    for rows, positions, fresh in seen:
+        for row, pos, first in zip(rows, positions, fresh, strict=True):
+            assert first == min(p for r, p in zip(rows, positions, strict=True) if r == row) <= pos
+
+
 def test_a_failed_step_is_isolated_under_look_ahead(model, tok, monkeypatch):
     """A whole step that fails on the device (every request in it) is decoded again request by
     request; the step launched ahead of it is dropped, and every request still ends as alone."""

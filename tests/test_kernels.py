@@ -57,7 +57,10 @@ def test_triton_kernel_matches_reference(dtype, kernel_device):
     assert args[4].max() > 32  # contexts of several chunks at the smaller chunk size
     ref = paged_attention_reference(*args)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for got in (paged_attention(*args), paged_attention_triton(*args, chunk=32)):
+    fresh_from = (args[4] - 2).clamp(min=0)  # each row's last two positions written "this step"
+    for got in (paged_attention(*args), paged_attention_triton(*args, chunk=32),
+                paged_attention_triton(*args, chunk=32, static=True),
+                paged_attention_triton(*args, fresh_from=fresh_from)):  # fmt: skip
         assert (got.float() - ref.float()).abs().max().item() <= tol
 
 
@@ -139,9 +142,10 @@ def as_float32(x, w, kw):
 def kernel_cases(device: str):
     """(dtype, shapes, relative tolerance): model-sized in half precision on the GPU, small in the interpreter."""
     if device == "cuda":
-        return [(dt, [(1, 3072, 1024), (7, 1024, 4096), (64, 4096, 1024), (100, 3072, 1024)], 1e-2)
-                for dt in (torch.float16, torch.bfloat16)]  # fmt: skip
-    return [(torch.float32, [(1, 96, 256), (5, 64, 384), (70, 32, 128)], 1e-5)]
+        return [(dt, [(1, 3072, 1024), (2, 1024, 1024), (7, 1024, 4096), (12, 1024, 1024), (64, 4096, 1024),
+                      (100, 3072, 1024)], 1e-2) for dt in (torch.float16, torch.bfloat16)]  # fmt: skip
+    # rows: one; register dot products of two (`fused.REGISTER_ROWS`); tl.dot tiles of 16 (masked) and 64
+    return [(torch.float32, [(1, 96, 256), (2, 64, 384), (5, 64, 384), (12, 48, 128), (70, 32, 128)], 1e-5)]
 
 
 @pytest.mark.parametrize("fmt", ["float", "int8", "int8_kn", "int4"])
@@ -240,6 +244,22 @@ def test_split_k_refuses_more_tiles_than_locks(kernel_device, monkeypatch):
     with pytest.raises(ValueError, match="lock table"):
         fused.linear_triton(x, w, 64, block_n=16, split_k=2)
     assert fused.linear_triton(x, w, 64, block_n=16, split_k=1).shape == (1, 64)
+
+
+def test_fused_layernorm_statistics_of_rows_far_from_zero(kernel_device):
+    """The kernel's LayerNorm statistics (`fused._row_stats`) keep their precision where a row's mean is far
+    larger than its spread (a one-pass E[x^2] - E[x]^2 loses it all in float32 here)."""
+    from serve.runtime import fused
+
+    g = torch.Generator().manual_seed(5)
+    k = 1024 if kernel_device == "cuda" else 128
+    w = random_weights("float", 64, k, kernel_device, torch.float32)
+    norm = torch.nn.LayerNorm(k, device=kernel_device)
+    for m in (1, 3):
+        x = (300 + torch.randn(m, k, generator=g) / 8).to(kernel_device)
+        got = fused.linear_triton(x, w, 64, norm=norm)
+        ref = fused.linear_reference(x, w, 64, norm=norm)
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-3
 
 
 @pytest.mark.parametrize("m", [1, 5])

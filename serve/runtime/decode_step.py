@@ -1,9 +1,9 @@
 """One decoder step and its token choice on the device, optionally replayed as a CUDA graph.
 
 Block tables live on the device in fixed "rows" (one per running beam), written once when a
-request is admitted. A step then uploads only five integers per query row (row, token,
-position, EOS-blocked, token source) in one copy; slots, context lengths and tables are derived on the
-device. The step returns, for every query row, the top-K log-probabilities and token ids:
+request is admitted. A step then uploads only six integers per query row (row, token, position,
+EOS-blocked, token source, the first position its sequence feeds in this step) in one copy; slots,
+context lengths and tables are derived on the device. The step returns, for every query row, the top-K log-probabilities and token ids:
 all greedy (K=1) and beam search (K=2*beam: the best 2*beam of each beam contain the best 2*beam
 overall) need, so only [rows, K] numbers come back instead of [rows, vocab] logits; a step of
 greedy requests alone asks for K=1, which spares the lm_head kernel the other candidates' passes.
@@ -77,8 +77,8 @@ class DecodeRunner:
         self.chosen = torch.zeros(max(max_rows, 1), dtype=torch.long, device=dev)
         # torch.compile fuses the small per-layer kernels (norms, bias adds, GELU) between GEMMs.
         self._step = torch.compile(self._topk, dynamic=True) if compile else self._topk
-        pad = torch.tensor([[self.scratch_row], [0], [0], [0], [HOST_TOKEN]], device=dev)
-        self._padding = pad.expand(5, max(self.buckets, default=1))  # query rows that do nothing
+        pad = torch.tensor([[self.scratch_row], [0], [0], [0], [HOST_TOKEN], [0]], device=dev)
+        self._padding = pad.expand(6, max(self.buckets, default=1))  # query rows that do nothing
 
     # ---- rows -------------------------------------------------------------------------------
     def open_rows(self, beams: list[tuple[list[int], list[int], int, RowTokens | None]]) -> list[int]:
@@ -111,7 +111,7 @@ class DecodeRunner:
 
     # ---- steps ------------------------------------------------------------------------------
     def batch(self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-              widths: tuple[int, int] | None = None) -> DecoderBatch:  # fmt: skip
+              widths: tuple[int, int] | None = None, fresh_from: torch.Tensor | None = None) -> DecoderBatch:  # fmt: skip
         """The DecoderBatch of query rows (device tensors), derived from the persistent tables.
 
         `widths` trims the self/cross tables to the blocks this step can touch (eager steps; a
@@ -122,7 +122,7 @@ class DecodeRunner:
         tables = self.tables[rows, :w]
         slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
         return DecoderBatch(tokens, positions, slots, tables, positions + 1, self.cross_tables[rows, :c],
-                            self.cross_lens[rows])  # fmt: skip
+                            self.cross_lens[rows], fresh_from=fresh_from)  # fmt: skip
 
     def _widths(self, rows: list[int], positions: list[int]) -> tuple[int, int]:
         blocks = self.pool.blocks_for
@@ -134,9 +134,9 @@ class DecodeRunner:
         return self.decoder(self.batch(*t, self._widths(rows, positions)), self.pool.layers).cpu()
 
     def _topk(self, inputs: torch.Tensor, k: int, widths: tuple[int, int] | None = None):
-        rows, tokens, positions, eos_blocked, sources = inputs
+        rows, tokens, positions, eos_blocked, sources, fresh_from = inputs
         tokens = torch.where(sources == HOST_TOKEN, tokens, self.chosen[sources.clamp(min=0)])
-        batch = self.batch(rows, tokens, positions, widths)
+        batch = self.batch(rows, tokens, positions, widths, fresh_from)
         shortlist = None
         if self.allowed is not None:
             shortlist = Shortlist(self.allowed, rows, self.union_ids, self.union_count)
@@ -160,7 +160,12 @@ class DecodeRunner:
         n, k = len(rows), 1 if greedy else self.k
         if sources is None:
             sources = [HOST_TOKEN] * n
-        packed = torch.tensor([rows, tokens, positions, eos_blocked, sources], dtype=torch.long)
+        # a sequence fed several positions at once (its forced prefix) writes their K/V in this step
+        first: dict[int, int] = {}
+        for row, pos in zip(rows, positions, strict=True):
+            first[row] = min(first.get(row, pos), pos)
+        fresh_from = [first[row] for row in rows]
+        packed = torch.tensor([rows, tokens, positions, eos_blocked, sources, fresh_from], dtype=torch.long)
         self._refresh_union()
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:

@@ -13,12 +13,13 @@ epilogue. Weights stay in the checkpoint's layout and are dequantized in registe
 | INT8 (W8A16) | int8 [K, N], stored K-contiguous at load (`quant.kernel_layout`) | per output channel [N] |
 | INT4 (W4A16_AWQ) | int8 [N/2, K], rows 2j / 2j+1 in the low / high nibble | [N, K/group], x scaled by [K] first |
 
-One row (batch 1) takes register dot products over narrow slabs of the whole K instead of
-`tl.dot`, which needs 16 rows, and requests its weights before it waits for the previous kernel
-(`kernels.pdl_wait`), so a layer's weights stream in while the layer before it finishes. More rows
-take `tl.dot` tiles. A decode-shaped layer can have fewer output tiles than the GPU has SMs; where
-it also has a long K loop (the FFN output, every int4 layer), `_split_k` splits K across programs,
-and the last program of each tile sums the partials in a fixed order, so results stay deterministic.
+One row (batch 1), and up to `REGISTER_ROWS`, takes register dot products over narrow slabs of the
+whole K instead of `tl.dot`, which needs 16 rows, and requests its weights before it waits for the
+previous kernel (`kernels.pdl_wait`), so a layer's weights stream in while the layer before it
+finishes. More rows take `tl.dot` tiles. A decode-shaped layer can have fewer output tiles than the
+GPU has SMs; where it also has a long K loop (the FFN output, every int4 layer), `_split_k` splits K
+across programs, and the last program of each tile sums the partials in a fixed order, so results
+stay deterministic.
 The self-attention QKV projection also stores its K and V thirds in the paged cache (`KVOut`).
 
 `lm_head_topk_triton` runs the final LayerNorm and the lm_head the same way, but never writes the
@@ -61,6 +62,11 @@ ACT_CODES = {None: 0, "gelu": 1, "gelu_new": 2, "relu": 3}
 # fused vs 135 dequantized, int4 114 vs 327). The lm_head top-K pays at every batch.
 MAX_ROWS = {FLOAT: 16, INT8: 128, INT4: 128}
 LM_HEAD_MAX_ROWS = 256
+# Up to this many rows (a power of two), a linear takes register dot products of each row with narrow
+# weight slabs requested before the previous kernel ends, as one row does; tl.dot needs 16 rows. On the
+# H200 (graph replays, fp16): 2 rows 0.85 -> 0.63 ms a step; 4 rows 0.87 -> 0.99 and 8 rows 0.90 -> 2.26
+# with it, so those keep tl.dot.
+REGISTER_ROWS = 2
 # From this many rows a linear's LayerNorm runs as its own launch before it: inside, every output tile
 # reads all rows twice more for the statistics. On the H200, norm-first at 16 / 64 rows (the launch
 # included): fp16 QKV 9.3 -> 8.1 / 15.1 -> 8.9 us, int4 QKV 19.6 -> 11.0 / 30.8 -> 14.6, int8 even at 16
@@ -167,12 +173,14 @@ if triton is not None:
         if FMT == 2:
             pre = tl.load(pre_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) * pre[None, :]).to(x_rows.dtype.element_ty)
-        if BLOCK_M == 1:  # one row: a dot product per column in registers (tl.dot needs 16 rows)
+        if BLOCK_M <= 2:  # REGISTER_ROWS: a dot product per row and column in registers (tl.dot: 16 rows)
             w = w.to(tl.float32)
             if FMT == 2:  # each input's own group scale, so a slab may span groups
                 w *= tl.load(s_ptr + cols[None, :] * stride_sn + (kk // GROUP)[:, None],
                              mask=n_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
-            return tl.sum(tl.trans(a).to(tl.float32) * w, axis=0, keep_dims=True)
+            if BLOCK_M == 1:
+                return tl.sum(tl.trans(a).to(tl.float32) * w, axis=0, keep_dims=True)
+            return tl.sum(a.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
         w = w.to(x_rows.dtype.element_ty)
         part = tl.dot(a, w, input_precision="ieee") if IEEE else tl.dot(a, w)
         if FMT == 2:  # BLOCK_K divides GROUP: one scale per column in this K slab
@@ -190,12 +198,12 @@ if triton is not None:
         or up to K) for output columns `cols`: program_id(0)'s contiguous block, or any ids with
         GATHER (the lm_head over a shortlist). The LayerNorm statistics always cover all K inputs.
 
-        With one row, the first slab's weights are requested first: before the previous kernel has
-        finished (`kernels.pdl_wait`), and before the statistics' reads of x."""
+        With up to REGISTER_ROWS rows, the first slab's weights are requested first: before the previous
+        kernel has finished (`kernels.pdl_wait`), and before the statistics' reads of x."""
         x_rows = x_ptr + rm[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         k_first = k_lo
-        if BLOCK_M == 1:
+        if BLOCK_M <= 2:  # REGISTER_ROWS
             w = _w_tile(w_ptr, cols, n_ok, k_lo, k_hi, N, stride_wn, stride_wk, FMT, GATHER, BLOCK_N, BLOCK_K)
             k_first = k_lo + BLOCK_K
         pdl_wait(PDL)
@@ -203,7 +211,7 @@ if triton is not None:
         rstd = mean
         if HAS_LN:
             mean, rstd = _row_stats(x_rows, m_ok, K, eps, BLOCK_M, BLOCK_S)
-        if BLOCK_M == 1:
+        if BLOCK_M <= 2:
             acc = _slab(x_rows, w, s_ptr, pre_ptr, g_ptr, beta_ptr, m_ok, cols, n_ok, k_lo, k_hi, mean, rstd,
                         stride_sn, FMT, GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_K)  # fmt: skip
         for k0 in range(k_first, k_hi, BLOCK_K):
@@ -360,25 +368,27 @@ if triton is not None:
 
 
 def _block_m(m: int) -> int:
-    """Rows per program: one row takes register dot products, more take tl.dot (16 rows at least)."""
-    return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 64
+    """Rows per program: up to REGISTER_ROWS take register dot products, more take tl.dot (16 rows at least)."""
+    if m <= REGISTER_ROWS:
+        return triton.next_power_of_2(m)
+    return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 def _stats_block(bm: int, bk: int, k: int) -> int:
     """Width of the LayerNorm statistics' loads: a single row's whole width (one load per pass, up to
     8192), else BLOCK_K."""
-    return max(bk, min(triton.next_power_of_2(k), 8192)) if bm == 1 else bk
+    return max(bk, min(triton.next_power_of_2(k), 8192)) if bm <= REGISTER_ROWS else bk
 
 
 def _tiles(w: Weights, n: int, k: int, bm: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, warps): the fastest measured on the H100 (`scripts/bench_kernels.py --sweep`).
 
     One row reads narrow tiles of the whole K (or 2048 of it), so that each program's weights arrive in
-    one or two trips; the 16-row tiles were swept at one row, before one row had its own path."""
-    if bm == 1:
-        if k > 1024:
-            return 4, 2048, 8
-        return (8 if w.fmt == INT4 else 4), 1024, 4
+    one or two trips; the 16-row tiles were swept at one row, before one row had its own path. (Float tiles
+    of 16 columns time faster alone on the H200, QKV 4.3 -> 3.8 us, but made the whole step 17 us slower.)"""
+    if bm <= REGISTER_ROWS:  # the one-row tile's registers, spread over the rows
+        bn, bk, warps = (4, 2048, 8) if k > 1024 else ((8 if w.fmt == INT4 else 4), 1024, 4)
+        return bn, bk // bm, warps
     if w.fmt == INT4:
         return 32, min(64, w.group), 4
     if w.fmt == INT8:

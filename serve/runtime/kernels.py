@@ -31,6 +31,7 @@ except ImportError:  # CPU-only installs
 # the Triton kernels on CPU tensors in Triton's interpreter; serving never does.
 CPU_INTERPRETER = False
 CHUNK = 128  # context positions the attention kernel reads per iteration
+EARLY_ALL, EARLY_OLD = 1, 2  # what the attention kernel reads before its predecessor ends (`paged_attention`)
 PDL = os.environ.get("MT_PDL", "1") != "0"
 
 
@@ -101,70 +102,108 @@ if triton is not None:
         tl.store(vp_ptr + dst, tl.load(v_ptr + row * stride_vn + head * stride_vh + dims))
 
     @triton.jit
+    def _kv_chunk(k_ptr, v_ptr, tables_ptr, row, head, c0, length, stride_kb, stride_ks, stride_kh, stride_tn,
+                  BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+        """K and V [CHUNK, HEAD_DIM] of positions c0.. of a row's blocks, which of them are below its length,
+        and their offsets in the pools."""
+        pos = c0 + tl.arange(0, CHUNK)
+        valid = pos < length
+        block = tl.load(tables_ptr + row * stride_tn + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        dims = tl.arange(0, HEAD_DIM)
+        kv_off = (
+            (block * stride_kb + (pos % BLOCK_SIZE) * stride_ks)[:, None] + head * stride_kh + dims[None, :]
+        )
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+        return k, v, valid, kv_off
+
+    @triton.jit
+    def _attend(q, k, v, valid, m, denom, acc):
+        """Online-softmax update of (max, denominator, weighted sum) with one chunk of K and V."""
+        s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        p = tl.exp(s - m_new)
+        alpha = tl.exp(m - m_new)
+        return m_new, denom * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v, axis=0)
+
+    @triton.jit
     def _paged_attention_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale,
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, fresh_ptr, out_ptr, scale,
         stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh,
-        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, EARLY: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         # CHUNK positions per iteration, gathered across as many cache blocks as they span: a decode
-        # step's context usually fits one chunk, so its K and V arrive in one round trip.
+        # step's context usually fits one chunk, so its K and V arrive in one round trip. With EARLY,
+        # the first chunk is requested before waiting for the previous kernel (lengths and tables are
+        # written before the step's first decode kernel): EARLY_ALL, all of it (cross-attention);
+        # EARLY_OLD, all of it, then its positions from fresh_from on, which this step's QKV kernel
+        # writes, are read again after the wait. Either way only q and those come after it.
         pdl_start(PDL)
-        pdl_wait(PDL)
         row = tl.program_id(0)
         head = tl.program_id(1)
+        if EARLY != 0:
+            length = tl.load(lens_ptr + row)
+            k, v, valid, kv_off = _kv_chunk(k_ptr, v_ptr, tables_ptr, row, head, 0, length, stride_kb, stride_ks,
+                                            stride_kh, stride_tn, BLOCK_SIZE, HEAD_DIM, CHUNK)  # fmt: skip
+        if EARLY == 2:
+            again = valid & (tl.arange(0, CHUNK) >= tl.load(fresh_ptr + row))
+        pdl_wait(PDL)
+        if EARLY == 0:
+            length = tl.load(lens_ptr + row)
+            k, v, valid, kv_off = _kv_chunk(k_ptr, v_ptr, tables_ptr, row, head, 0, length, stride_kb, stride_ks,
+                                            stride_kh, stride_tn, BLOCK_SIZE, HEAD_DIM, CHUNK)  # fmt: skip
+        if EARLY == 2:
+            k = tl.where(
+                again[:, None], tl.load(k_ptr + kv_off, mask=again[:, None], other=0.0).to(tl.float32), k
+            )
+            v = tl.where(
+                again[:, None], tl.load(v_ptr + kv_off, mask=again[:, None], other=0.0).to(tl.float32), v
+            )
         dims = tl.arange(0, HEAD_DIM)
-        offs = tl.arange(0, CHUNK)
         q = tl.load(q_ptr + row * stride_qn + head * stride_qh + dims).to(tl.float32) * scale
-        length = tl.load(lens_ptr + row)
-        m = tl.full((), float("-inf"), tl.float32)
-        denom = tl.zeros((), tl.float32)
-        acc = tl.zeros((HEAD_DIM,), tl.float32)
-        for c0 in range(0, length, CHUNK):
-            pos = c0 + offs
-            valid = pos < length
-            block = tl.load(tables_ptr + row * stride_tn + pos // BLOCK_SIZE, mask=valid, other=0).to(
-                tl.int64
-            )
-            kv_off = (
-                (block * stride_kb + (pos % BLOCK_SIZE) * stride_ks)[:, None]
-                + head * stride_kh
-                + dims[None, :]
-            )
-            k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            p = tl.exp(s - m_new)
-            alpha = tl.exp(m - m_new)
-            denom = denom * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m = m_new
+        m, denom, acc = _attend(q, k, v, valid, tl.full((), float("-inf"), tl.float32), tl.zeros((), tl.float32),
+                                tl.zeros((HEAD_DIM,), tl.float32))  # fmt: skip
+        for c0 in range(CHUNK, length, CHUNK):  # after the wait: these may include this step's positions
+            k, v, valid, _ = _kv_chunk(k_ptr, v_ptr, tables_ptr, row, head, c0, length, stride_kb, stride_ks,
+                                       stride_kh, stride_tn, BLOCK_SIZE, HEAD_DIM, CHUNK)  # fmt: skip
+            m, denom, acc = _attend(q, k, v, valid, m, denom, acc)
         out = acc / denom
         tl.store(out_ptr + row * stride_on + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
 def paged_attention_triton(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
-    scale: float, chunk: int = CHUNK,
+    scale: float, chunk: int = CHUNK, static: bool = False, fresh_from: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
+    """`static`, `fresh_from`: see `paged_attention`."""
     n, heads, head_dim = q.shape
     out = torch.empty_like(q)
+    early = EARLY_ALL if static else EARLY_OLD if fresh_from is not None else 0
     _paged_attention_kernel[(n, heads)](
-        q, k_pool, v_pool, tables, lens, out, scale,
+        q, k_pool, v_pool, tables, lens, fresh_from if fresh_from is not None else lens, out, scale,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), tables.stride(0),
         out.stride(0), out.stride(1), BLOCK_SIZE=k_pool.shape[1], HEAD_DIM=head_dim, CHUNK=chunk,
-        **pdl_args(q),
+        EARLY=early, **pdl_args(q),
     )  # fmt: skip
     return out
 
 
 def paged_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
-    scale: float,
+    scale: float, static: bool = False, fresh_from: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Dispatch: Triton on CUDA (power-of-two head and block sizes), the reference otherwise."""
+    """Dispatch: Triton on CUDA (power-of-two head and block sizes), the reference otherwise.
+
+    What no kernel of this decode step writes, the kernel reads before its predecessor ends: `tables`
+    and `lens` always (the step computes them before its first decode kernel); with `static`, all the
+    K/V they point at (cross-attention: the encoder's, stored at admission); with `fresh_from` [N], the
+    K/V of each row's positions before it (self-attention: this step's QKV kernel writes from there on).
+    """
     if _use_triton(q, k_pool):
-        return paged_attention_triton(q, k_pool, v_pool, tables, lens, scale)
+        return paged_attention_triton(
+            q, k_pool, v_pool, tables, lens, scale, static=static, fresh_from=fresh_from
+        )
     return paged_attention_reference(q, k_pool, v_pool, tables, lens, scale)
 
 

@@ -113,6 +113,9 @@ class DecoderBatch:
     cross_tables: torch.Tensor  # [N, max_cross_blocks]
     cross_lens: torch.Tensor  # [N]
     logit_rows: torch.Tensor | None = None  # [B]; None: every row
+    # [N] the first position this step writes in each row's sequence: the K/V of those before it are
+    # older, so attention may read them before this step's writes land (`kernels.paged_attention`)
+    fresh_from: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> DecoderBatch:
         values = (getattr(self, f.name) for f in dataclasses.fields(self))
@@ -235,12 +238,12 @@ class DecoderLayer(Block):
         k_pool, v_pool = kv  # this layer's [2][num_blocks, block_size, h, d]
         att, norm = self.self_attention, self.self_attention_layernorm
         q = att.heads_of(self.project_in(x, norm, att.qkv, kv=fused.KVOut(k_pool, v_pool, b.slots)))[:, 0]
-        a = paged_attention(q, k_pool, v_pool, b.ctx_tables, b.ctx_lens, att.scale)
+        a = paged_attention(q, k_pool, v_pool, b.ctx_tables, b.ctx_lens, att.scale, fresh_from=b.fresh_from)
         x = self.project_out(a.flatten(1), norm, att.dense, x)
 
         att, norm = self.cross_attention, self.cross_attention_layernorm
         q = att.heads_of(self.project_in(x, norm, att.qkv, n=att.heads * att.head_size))[:, 0]  # Q rows only
-        a = paged_attention(q, k_pool, v_pool, b.cross_tables, b.cross_lens, att.scale)
+        a = paged_attention(q, k_pool, v_pool, b.cross_tables, b.cross_lens, att.scale, static=True)
         x = self.project_out(a.flatten(1), norm, att.dense, x)
         return self.mlp_block(x)
 
