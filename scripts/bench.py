@@ -11,15 +11,22 @@ weight memory, and KV-pool capacity. Writes bench.json and bench.png to --out.
 
     python scripts/bench.py --out out/bench                 # GPU machine
     python scripts/bench.py --smoke --out /tmp/bench        # tiny model on CPU (a test runs this)
+    python scripts/bench.py --tp-size 2 --variants float16 --no-hf --concurrency 1,64   # two GPUs
+
+With --tp-size N > 1, each variant is served as the server serves it (`PytorchBackend`, one process
+and GPU per rank) at TP=1 and at TP=N on the same machine, and the report says whether TP=N
+generated exactly TP=1's tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +45,7 @@ from serve.runtime import shortlist  # noqa: E402
 from serve.runtime.kv_cache import KVPool  # noqa: E402
 from serve.runtime.model import MASKED_SDPA_BACKENDS  # noqa: E402
 from serve.runtime.translator import Translator  # noqa: E402
+from serve.tokenizer import TranslationTokenizer  # noqa: E402
 
 LANGS = ["zh", "ar", "ru", "de", "fr", "hi", "sw", "vi"]
 
@@ -212,6 +220,114 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def checkpoint(variant: str, hf_dir: Path, work: Path, tp_size: int, args: argparse.Namespace):
+    """(checkpoint dir, flags, dtype to load in, shortlist size) of a --variants entry, converted or
+    quantized here at `tp_size` ranks unless it names a directory."""
+    name, _, path = variant.partition("=")
+    name, *flags = name.split("+")
+    ckpt = (
+        Path(path)
+        if path not in ("", "rtn")
+        else work / f"{variant.replace('=', '-').replace('+', '-')}-tp{tp_size}"
+    )
+    if not path:
+        convert_checkpoint(str(hf_dir), ckpt, tp_size, name, progress=False)
+    elif path == "rtn":  # weight-only RTN from the fp16 checkpoint (ModelOpt may be absent here)
+        from calib.rtn import quantize_checkpoint_rtn
+
+        src = work / f"float16-src-tp{tp_size}"
+        if not src.exists():
+            convert_checkpoint(str(hf_dir), src, tp_size, "float16", progress=False)
+        quantize_checkpoint_rtn(src, ckpt, name, lm_head="lm_head" in flags)
+    dtype = None if args.smoke else (torch.float16 if path else getattr(torch, name))
+    vocab = json.loads((ckpt / "decoder" / "config.json").read_text())["vocab_size"]
+    size = min(args.shortlist_size, vocab // 4)
+    if "shortlist" in flags:
+        synthetic_shortlist(ckpt, vocab, size)
+    return ckpt, flags, dtype, size
+
+
+def run_backend(ckpt: Path, tp_size: int, device: torch.device, dtype: torch.dtype | None, shortlist: bool,
+                items, levels: list[int], new_tokens: int) -> dict:  # fmt: skip
+    """A contender served as the server serves it (`PytorchBackend`: the engine on its own thread, ranks
+    past the first in worker processes, one GPU each, NCCL; gloo on CPU), in closed loops of asyncio
+    clients. The batch-1 step time is a lone request's time between its first and last token over its
+    steps. `tokens` are every request's ids (by item), to compare across TP degrees."""
+    from serve.engine.async_engine import PytorchBackend
+
+    params = SamplingParams(min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    backend = PytorchBackend(ckpt, device=device.type, dtype=str(dtype).removeprefix("torch.") if dtype else None,
+                             tp_size=tp_size, max_batch_size=max(levels), shortlist=shortlist)  # fmt: skip
+    ids = iter(range(10**9))
+
+    async def loop(batch: list, concurrency: int) -> tuple[dict, dict]:
+        pending, results, arrival = list(enumerate(batch)), {}, {}
+
+        async def client() -> None:
+            while pending:
+                i, (enc, prefix) = pending.pop(0)
+                req = GenerationRequest(f"t{next(ids)}", enc, prefix, params, target_lang="en")
+                arrival[i] = req.arrival_time
+                results[i] = await backend.generate(req)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+        lat = [r.finish_time - arrival[i] for i, r in results.items()]
+        ttft = [r.first_token_time - arrival[i] for i, r in results.items()]
+        tokens = sum(len(r.token_ids) for r in results.values())
+        stats = {"tokens_per_s": tokens / wall, "requests": len(batch), "p50_latency_s": pct(lat, 50),
+                 "p99_latency_s": pct(lat, 99), "p50_ttft_s": pct(ttft, 50), "wall_s": wall}  # fmt: skip
+        return stats, {i: r.token_ids for i, r in results.items()}
+
+    async def run() -> dict:
+        backend.start()
+        try:
+            await loop(items[:2], 1)  # warm-up
+            steps = []
+            for item in items[:3]:
+                r = await backend.generate(
+                    GenerationRequest(f"t{next(ids)}", *item, params, target_lang="en")
+                )
+                steps.append((r.finish_time - r.first_token_time) / max(len(r.token_ids) - 1, 1))
+            c = {"step_ms_batch1": 1e3 * statistics.median(steps), "levels": {}, "tokens": {}}
+            for level in levels:
+                await loop(items[:level], level)  # warm up at this concurrency
+                c["levels"][str(level)], tokens = await loop(items[: max(2 * level, 8)], level)
+                c["tokens"] |= tokens
+            return c
+        finally:
+            await backend.shutdown()
+
+    return asyncio.run(run())
+
+
+def tp_contenders(args: argparse.Namespace, hf_dir: Path, work: Path, device: torch.device, levels: list[int],
+                  report: dict, save) -> list:  # fmt: skip
+    """Each variant through the server's backend at TP=1 and TP=--tp-size, on the same machine, with
+    whether the TP run's tokens equal TP=1's."""
+    items: list = []
+    for variant in args.variants.split(","):
+        runs = {}
+        for tp_size in (1, args.tp_size):
+            label = f"runtime {variant.partition('=')[0]}, TP={tp_size}"
+            try:
+                ckpt, flags, dtype, _ = checkpoint(variant, hf_dir, work, tp_size, args)
+                items = workload(TranslationTokenizer(ckpt), max(levels) * 2 if not args.smoke else 8)
+                runs[tp_size] = run_backend(ckpt, tp_size, device, dtype, "shortlist" in flags, items, levels,
+                                            args.new_tokens)  # fmt: skip
+                report["contenders"][label] = {k: v for k, v in runs[tp_size].items() if k != "tokens"}
+            except Exception as e:  # one failing contender must not lose the others' numbers
+                print(f"contender {label} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                report["contenders"][label] = {"error": f"{type(e).__name__}: {e}"}
+            save()
+        if len(runs) == 2:
+            report["contenders"][label]["tokens_identical_to_tp1"] = (
+                runs[1]["tokens"] == runs[args.tp_size]["tokens"]
+            )
+    return items
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
@@ -230,6 +346,9 @@ def main() -> None:
     ap.add_argument("--shortlist-size", type=int, default=32000,
                     help="tokens per language of +shortlist contenders (the full vocabulary is 250054)")  # fmt: skip
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate contender")
+    ap.add_argument("--tp-size", type=int, default=1,
+                    help="above 1: run each variant through the server's backend at TP=1 and at this many ranks "
+                    "(one GPU each), reporting whether their tokens are identical")  # fmt: skip
     args = ap.parse_args()
     if args.smoke:
         args.concurrency, args.new_tokens = "1,4", 8
@@ -250,27 +369,10 @@ def main() -> None:
         (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
 
     items: list = []
-    for variant in args.variants.split(","):
+    for variant in args.variants.split(",") if args.tp_size == 1 else []:
         try:
-            name, _, path = variant.partition("=")
-            name, *flags = name.split("+")
-            ckpt = (
-                Path(path) if path not in ("", "rtn") else work / variant.replace("=", "-").replace("+", "-")
-            )
-            if not path:
-                convert_checkpoint(str(hf_dir), ckpt, 1, name, progress=False)
-            elif path == "rtn":  # weight-only RTN from the fp16 checkpoint (ModelOpt may be absent here)
-                from calib.rtn import quantize_checkpoint_rtn
-
-                src = work / "float16-src"
-                if not src.exists():
-                    convert_checkpoint(str(hf_dir), src, 1, "float16", progress=False)
-                quantize_checkpoint_rtn(src, ckpt, name, lm_head="lm_head" in flags)
-            dtype = None if args.smoke else (torch.float16 if path else getattr(torch, name))
+            ckpt, flags, dtype, size = checkpoint(variant, hf_dir, work, 1, args)
             vocab = json.loads((ckpt / "decoder" / "config.json").read_text())["vocab_size"]
-            size = min(args.shortlist_size, vocab // 4)
-            if "shortlist" in flags:
-                synthetic_shortlist(ckpt, vocab, size)
             tr = Translator.load(ckpt, device=device, dtype=dtype, max_batch_size=max(levels),
                                  compile="compile" in flags, shortlist="shortlist" in flags,
                                  look_ahead="no_look_ahead" not in flags)  # fmt: skip
@@ -308,6 +410,8 @@ def main() -> None:
                 "error": f"{type(e).__name__}: {e}"
             }
         save()
+    if args.tp_size > 1:
+        items = tp_contenders(args, hf_dir, work, device, levels, report, save)
 
     if not args.no_hf:
         from transformers import AutoTokenizer, MBartForConditionalGeneration
@@ -354,6 +458,9 @@ def main() -> None:
                   at64.get("p50_ttft_s", nan), c.get("weight_bytes", nan) / 1e9, c.get("peak_gpu_mem_GB", nan),
                   c.get("kv_capacity_seqs_256", nan)]  # fmt: skip
         print("| " + " | ".join(f"{x:.3g}" if isinstance(x, float) else str(x) for x in cells) + " |")
+    for name, c in report["contenders"].items():
+        if "tokens_identical_to_tp1" in c:
+            print(f"{name}: tokens identical to TP=1: {c['tokens_identical_to_tp1']}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The GPU scripts run end to end on CPU with the tiny model: scripts/bench.py --smoke,
+"""The GPU scripts run end to end on CPU with the tiny model: scripts/bench.py --smoke (also with TP=2),
 scripts/profile_step.py --smoke and scripts/parity_gpu.py --shape tiny (fp32, where the runtime must
 match HF exactly)."""
 
@@ -32,6 +32,30 @@ def test_bench_smoke_writes_table_json_and_plot(tmp_path):
     bytes_per_step = {n: report["contenders"][n]["weight_bytes_per_step"] for n in runtime}
     assert bytes_per_step["runtime float32+shortlist"] < bytes_per_step["runtime float32"]
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_tp_mode_serves_each_variant_at_tp1_and_tp2_with_the_same_tokens(tmp_path):
+    """--tp-size 2 runs the variant through the server's backend at one and at two ranks (gloo here, NCCL
+    on GPUs) and reports whether the two generated the same tokens."""
+    run(
+        [
+            "scripts/bench.py",
+            "--smoke",
+            "--tp-size",
+            "2",
+            "--variants",
+            "float32",
+            "--no-hf",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    report = json.loads((tmp_path / "bench.json").read_text())
+    tp1, tp2 = report["contenders"]["runtime float32, TP=1"], report["contenders"]["runtime float32, TP=2"]
+    for c in (tp1, tp2):
+        assert "error" not in c and c["step_ms_batch1"] > 0
+        assert set(c["levels"]) == {"1", "4"} and all(lv["tokens_per_s"] > 0 for lv in c["levels"].values())
+    assert tp2["tokens_identical_to_tp1"] is True
 
 
 def test_parity_script_tiny_fp32_is_exact(tmp_path):
