@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -230,7 +231,13 @@ def checkpoint(variant: str, hf_dir: Path, work: Path, tp_size: int, args: argpa
         if path not in ("", "rtn")
         else work / f"{variant.replace('=', '-').replace('+', '-')}-tp{tp_size}"
     )
-    if not path:
+    if path not in ("", "rtn"):
+        ranks = json.loads((ckpt / "decoder" / "config.json").read_text())["mapping"]["tp_size"]
+        if ranks != tp_size:
+            raise ValueError(
+                f"{ckpt} has {ranks} TP rank(s), not {tp_size}: give a dtype or =rtn to convert here"
+            )
+    elif not path:
         convert_checkpoint(str(hf_dir), ckpt, tp_size, name, progress=False)
     elif path == "rtn":  # weight-only RTN from the fp16 checkpoint (ModelOpt may be absent here)
         from calib.rtn import quantize_checkpoint_rtn
@@ -258,7 +265,7 @@ def run_backend(ckpt: Path, tp_size: int, device: torch.device, dtype: torch.dty
     params = SamplingParams(min_new_tokens=new_tokens, max_new_tokens=new_tokens)
     backend = PytorchBackend(ckpt, device=device.type, dtype=str(dtype).removeprefix("torch.") if dtype else None,
                              tp_size=tp_size, max_batch_size=max(levels), shortlist=shortlist)  # fmt: skip
-    ids = iter(range(10**9))
+    ids = itertools.count()
 
     async def loop(batch: list, concurrency: int) -> tuple[dict, dict]:
         pending, results, arrival = list(enumerate(batch)), {}, {}

@@ -37,19 +37,8 @@ def test_bench_smoke_writes_table_json_and_plot(tmp_path):
 def test_bench_tp_mode_serves_each_variant_at_tp1_and_tp2_with_the_same_tokens(tmp_path):
     """--tp-size 2 runs the variant through the server's backend at one and at two ranks (gloo here, NCCL
     on GPUs) and reports whether the two generated the same tokens."""
-    run(
-        [
-            "scripts/bench.py",
-            "--smoke",
-            "--tp-size",
-            "2",
-            "--variants",
-            "float32",
-            "--no-hf",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    run(["scripts/bench.py", "--smoke", "--tp-size", "2", "--variants", "float32", "--no-hf", "--out",
+         str(tmp_path)])  # fmt: skip
     report = json.loads((tmp_path / "bench.json").read_text())
     tp1, tp2 = report["contenders"]["runtime float32, TP=1"], report["contenders"]["runtime float32, TP=2"]
     for c in (tp1, tp2):

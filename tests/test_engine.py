@@ -216,10 +216,10 @@ def test_greedy_steps_ask_for_the_top1_only(model, tok, monkeypatch):
 
 
 def test_each_row_says_where_this_steps_cache_writes_of_its_sequence_begin(model, tok, monkeypatch):
-    """`fresh_from` (the attention kernel reads the K/V before it early, before this step's QKV kernel has
-    written them) is each row's sequence's first position fed in the step: a prefix fed in one step has
-    them all from its first, beams and single tokens their own position. Too high a value would read
-    stale cache on a GPU, which no CPU run shows, hence this check."""
+    """`fresh_from` is each row's sequence's first position fed in the step: the attention kernel reads the
+    cache below it before this step's QKV kernel has written, so all rows of a forced prefix fed in one
+    step start at its first position, and beams and single tokens at their own. Too high a value would
+    read stale cache on a GPU, which no CPU run shows, hence this check."""
     reqs = requests(tok, 3, max_new=6)
     reqs[1].params = SamplingParams(beam_size=2, max_new_tokens=4)
     engine = make_engine(model, tok)
