@@ -3,10 +3,11 @@
 Block tables live on the device in fixed "rows" (one per running beam), written once when a
 request is admitted. A step then uploads only six integers per query row (row, token, position,
 EOS-blocked, token source, the first position its sequence feeds in this step) in one copy; slots,
-context lengths and tables are derived on the device. The step returns, for every query row, the top-K log-probabilities and token ids:
-all greedy (K=1) and beam search (K=2*beam: the best 2*beam of each beam contain the best 2*beam
-overall) need, so only [rows, K] numbers come back instead of [rows, vocab] logits; a step of
-greedy requests alone asks for K=1, which spares the lm_head kernel the other candidates' passes.
+context lengths and tables are derived on the device. The step returns, for every query row, the
+top-K log-probabilities and token ids: all greedy (K=1) and beam search (K=2*beam: the best 2*beam
+of each beam contain the best 2*beam overall) need, so only [rows, K] numbers come back instead of
+[rows, vocab] logits; a step of greedy requests alone asks for K=1, which spares the lm_head kernel
+the other candidates' passes.
 They are copied to the host as the step ends, and `launch` returns before that: the engine
 prepares the next step meanwhile. A query row may take its input token from the previous launch's
 top-1 choice on the device (`sources`), so a greedy request's next step can be launched before

@@ -62,8 +62,9 @@ ACT_CODES = {None: 0, "gelu": 1, "gelu_new": 2, "relu": 3}
 # fused vs 135 dequantized, int4 114 vs 327). The lm_head top-K pays at every batch.
 MAX_ROWS = {FLOAT: 16, INT8: 128, INT4: 128}
 LM_HEAD_MAX_ROWS = 256
-# Up to this many rows (a power of two), a linear takes register dot products of each row with narrow
-# weight slabs requested before the previous kernel ends, as one row does; tl.dot needs 16 rows. On the
+# Up to this many rows (a power of two below 16), a linear takes register dot products of each row with
+# narrow weight slabs requested before the previous kernel ends, as one row does; tl.dot needs 16 rows.
+# Blocks of fewer than 16 rows are what selects that path, in the kernel and in `_tiles`. On the
 # H200 (graph replays, fp16): 2 rows 0.85 -> 0.63 ms a step; 4 rows 0.87 -> 0.99 and 8 rows 0.90 -> 2.26
 # with it, so those keep tl.dot.
 REGISTER_ROWS = 2
@@ -173,7 +174,7 @@ if triton is not None:
         if FMT == 2:
             pre = tl.load(pre_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) * pre[None, :]).to(x_rows.dtype.element_ty)
-        if BLOCK_M <= 2:  # REGISTER_ROWS: a dot product per row and column in registers (tl.dot: 16 rows)
+        if BLOCK_M < 16:  # a dot product per row and column in registers (tl.dot takes 16 rows)
             w = w.to(tl.float32)
             if FMT == 2:  # each input's own group scale, so a slab may span groups
                 w *= tl.load(s_ptr + cols[None, :] * stride_sn + (kk // GROUP)[:, None],
@@ -198,12 +199,12 @@ if triton is not None:
         or up to K) for output columns `cols`: program_id(0)'s contiguous block, or any ids with
         GATHER (the lm_head over a shortlist). The LayerNorm statistics always cover all K inputs.
 
-        With up to REGISTER_ROWS rows, the first slab's weights are requested first: before the previous
+        With register dot products (BLOCK_M < 16), the first slab's weights are requested first: before the previous
         kernel has finished (`kernels.pdl_wait`), and before the statistics' reads of x."""
         x_rows = x_ptr + rm[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         k_first = k_lo
-        if BLOCK_M <= 2:  # REGISTER_ROWS
+        if BLOCK_M < 16:  # register dot products
             w = _w_tile(w_ptr, cols, n_ok, k_lo, k_hi, N, stride_wn, stride_wk, FMT, GATHER, BLOCK_N, BLOCK_K)
             k_first = k_lo + BLOCK_K
         pdl_wait(PDL)
@@ -211,7 +212,7 @@ if triton is not None:
         rstd = mean
         if HAS_LN:
             mean, rstd = _row_stats(x_rows, m_ok, K, eps, BLOCK_M, BLOCK_S)
-        if BLOCK_M <= 2:
+        if BLOCK_M < 16:
             acc = _slab(x_rows, w, s_ptr, pre_ptr, g_ptr, beta_ptr, m_ok, cols, n_ok, k_lo, k_hi, mean, rstd,
                         stride_sn, FMT, GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_K)  # fmt: skip
         for k0 in range(k_first, k_hi, BLOCK_K):
@@ -377,7 +378,7 @@ def _block_m(m: int) -> int:
 def _stats_block(bm: int, bk: int, k: int) -> int:
     """Width of the LayerNorm statistics' loads: a single row's whole width (one load per pass, up to
     8192), else BLOCK_K."""
-    return max(bk, min(triton.next_power_of_2(k), 8192)) if bm <= REGISTER_ROWS else bk
+    return max(bk, min(triton.next_power_of_2(k), 8192)) if bm < 16 else bk
 
 
 def _tiles(w: Weights, n: int, k: int, bm: int) -> tuple[int, int, int]:
@@ -386,7 +387,7 @@ def _tiles(w: Weights, n: int, k: int, bm: int) -> tuple[int, int, int]:
     One row reads narrow tiles of the whole K (or 2048 of it), so that each program's weights arrive in
     one or two trips; the 16-row tiles were swept at one row, before one row had its own path. (Float tiles
     of 16 columns time faster alone on the H200, QKV 4.3 -> 3.8 us, but the step's graph 0.471 -> 0.530 ms.)"""
-    if bm <= REGISTER_ROWS:  # the one-row tile's registers, spread over the rows
+    if bm < 16:  # register dot products: the one-row tile's registers, spread over the rows
         bn, bk, warps = (4, 2048, 8) if k > 1024 else ((8 if w.fmt == INT4 else 4), 1024, 4)
         return bn, bk // bm, warps
     if w.fmt == INT4:

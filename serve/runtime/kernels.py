@@ -142,17 +142,15 @@ if triton is not None:
         pdl_start(PDL)
         row = tl.program_id(0)
         head = tl.program_id(1)
-        if EARLY != 0:
-            length = tl.load(lens_ptr + row)
-            k, v, valid, kv_off = _kv_chunk(k_ptr, v_ptr, tables_ptr, row, head, 0, length, stride_kb, stride_ks,
-                                            stride_kh, stride_tn, BLOCK_SIZE, HEAD_DIM, CHUNK)  # fmt: skip
+        if EARLY == 0:
+            pdl_wait(PDL)
+        length = tl.load(lens_ptr + row)
+        k, v, valid, kv_off = _kv_chunk(k_ptr, v_ptr, tables_ptr, row, head, 0, length, stride_kb, stride_ks,
+                                        stride_kh, stride_tn, BLOCK_SIZE, HEAD_DIM, CHUNK)  # fmt: skip
         if EARLY == 2:  # EARLY_OLD
             again = valid & (tl.arange(0, CHUNK) >= tl.load(fresh_ptr + row))
-        pdl_wait(PDL)
-        if EARLY == 0:
-            length = tl.load(lens_ptr + row)
-            k, v, valid, kv_off = _kv_chunk(k_ptr, v_ptr, tables_ptr, row, head, 0, length, stride_kb, stride_ks,
-                                            stride_kh, stride_tn, BLOCK_SIZE, HEAD_DIM, CHUNK)  # fmt: skip
+        if EARLY != 0:
+            pdl_wait(PDL)
         if EARLY == 2:  # EARLY_OLD
             k = tl.where(
                 again[:, None], tl.load(k_ptr + kv_off, mask=again[:, None], other=0.0).to(tl.float32), k
