@@ -131,9 +131,13 @@ def run_engine(tr: Translator, items, concurrency: int, new_tokens: int) -> dict
             ttft.append(r.first_token_time - arrival[r.request_id])
             tokens += len(r.token_ids)
     sync(device)
-    wall = time.perf_counter() - start
-    return {"tokens_per_s": tokens / wall, "requests": len(items), "p50_latency_s": pct(lat, 50),
-            "p99_latency_s": pct(lat, 99), "p50_ttft_s": pct(ttft, 50), "wall_s": wall}  # fmt: skip
+    return loop_stats(tokens, time.perf_counter() - start, lat, ttft, len(items))
+
+
+def loop_stats(tokens: int, wall: float, latencies: list[float], ttfts: list[float], requests: int) -> dict:
+    """What every contender reports for one closed loop (no time to first token: NaN)."""
+    return {"tokens_per_s": tokens / wall, "requests": requests, "p50_latency_s": pct(latencies, 50),
+            "p99_latency_s": pct(latencies, 99), "p50_ttft_s": pct(ttfts, 50), "wall_s": wall}  # fmt: skip
 
 
 def step_time_batch1(tr: Translator, item, new_tokens: int) -> float:
@@ -188,9 +192,7 @@ def run_hf(model, pad_id: int, items, concurrency: int, new_tokens: int, device:
         sync(device)
         lat += [time.perf_counter() - start] * len(chunk)  # all arrived at start of the run
         tokens += (out.shape[1] - 2) * len(chunk)
-    wall = time.perf_counter() - start
-    return {"tokens_per_s": tokens / wall, "requests": len(items), "p50_latency_s": pct(lat, 50),
-            "p99_latency_s": pct(lat, 99), "p50_ttft_s": float("nan"), "wall_s": wall}  # fmt: skip
+    return loop_stats(tokens, time.perf_counter() - start, lat, [], len(items))
 
 
 def plot(report: dict, path: Path) -> None:
@@ -283,9 +285,7 @@ def run_backend(ckpt: Path, tp_size: int, device: torch.device, dtype: torch.dty
         lat = [r.finish_time - arrival[i] for i, r in results.items()]
         ttft = [r.first_token_time - arrival[i] for i, r in results.items()]
         tokens = sum(len(r.token_ids) for r in results.values())
-        stats = {"tokens_per_s": tokens / wall, "requests": len(batch), "p50_latency_s": pct(lat, 50),
-                 "p99_latency_s": pct(lat, 99), "p50_ttft_s": pct(ttft, 50), "wall_s": wall}  # fmt: skip
-        return stats, {i: r.token_ids for i, r in results.items()}
+        return loop_stats(tokens, wall, lat, ttft, len(batch)), {i: r.token_ids for i, r in results.items()}
 
     async def run() -> dict:
         backend.start()

@@ -58,6 +58,11 @@ def kernel_table(tr: Translator, rows: int) -> list[dict]:
     return sorted(groups.values(), key=lambda g: -g["us"])
 
 
+def replay_times(tr: Translator, n: int = 50) -> dict[str, float]:
+    """ms per replay of every captured decode graph, by rows bucket and K."""
+    return {f"{r} rows, k={k}": graph_replay_ms(tr, r, k, n) for r, k in sorted(tr.engine.runner.graphs)}
+
+
 def host_split(tr: Translator, items, rows: int, new_tokens: int) -> dict:
     """A closed loop at `rows` clients (no profiler): its wall time, the part the host spent waiting
     for decode steps, and the rest (host work) per engine step. Host-bound where waiting is small."""
@@ -176,19 +181,13 @@ def main() -> None:
     tr = Translator.load(ckpt, device=device, max_batch_size=args.rows)
     tr.engine.warm_up()  # every graph and encoder kernel, so that the host profile compiles nothing
     if args.replay_only and cuda:
-        print(
-            {
-                f"{r} rows, k={k}": round(graph_replay_ms(tr, r, k, n=200), 4)
-                for r, k in sorted(tr.engine.runner.graphs)
-            }
-        )
+        print({g: round(ms, 4) for g, ms in replay_times(tr, n=200).items()})
         return
     items = workload(tr.tokenizer, 2 * args.rows)
     run_engine(tr, items[: args.rows], args.rows, 4)
     report: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": args.rows}
     if cuda:
-        graphs = sorted(tr.engine.runner.graphs)
-        report["replay_ms"] = {f"{r} rows, k={k}": graph_replay_ms(tr, r, k) for r, k in graphs}
+        report["replay_ms"] = replay_times(tr)
         rows = [r for r in map(int, args.kernel_rows.split(",")) if (r, 1) in tr.engine.runner.graphs]
         report["kernels"] = {r: kernel_table(tr, r) for r in rows}
     report["host_split"] = host_split(tr, items, args.rows, args.new_tokens)
