@@ -126,7 +126,7 @@ def linears(args: argparse.Namespace, m: int) -> list[dict]:
             rows = []
             configs = [(None, None, None, None)]
             if args.sweep and m == 1:  # one-row tiles, and the 16-row tile tl.dot would need
-                tiles = itertools.product((4, 8, 16), (b for b in (1024, 2048) if b <= k), (2, 4, 8))
+                tiles = itertools.product((4, 8, 16), (b for b in (1024, 2048, 4096) if b <= k), (2, 4, 8))
                 configs += [(bn, bk, warps, 1) for bn, bk, warps in tiles] + [(None, None, None, 16)]
             elif args.sweep:  # tl.dot tiles
                 tiles = itertools.product((32, 64, 128), (64, 128, 256), (4, 8))

@@ -12,8 +12,10 @@ from serve.engine.core import Engine, EngineConfig
 from serve.engine.errors import NotAccepting, QueueFull, RequestFailed, RequestTooLarge
 from serve.engine.request import GenerationRequest, SamplingParams
 from serve.engine.search import Hypotheses
+from serve.runtime import decode_step
 from serve.runtime.decode_step import LaunchedStep
 from serve.runtime.load import load_model
+from serve.runtime.step_inputs import decoder_batch
 from serve.tokenizer import TranslationTokenizer
 from tests.conftest import real_sentences
 
@@ -223,13 +225,13 @@ def test_each_row_says_where_this_steps_cache_writes_of_its_sequence_begin(model
     reqs = requests(tok, 3, max_new=6)
     reqs[1].params = SamplingParams(beam_size=2, max_new_tokens=4)
     engine = make_engine(model, tok)
-    seen, batch = [], engine.runner.batch
+    seen = []
 
-    def spy(rows, tokens, positions, widths=None, fresh_from=None):
-        seen.append((rows.tolist(), positions.tolist(), fresh_from.tolist()))
-        return batch(rows, tokens, positions, widths, fresh_from)
+    def spy(inputs, *args):
+        seen.append((inputs[0].tolist(), inputs[2].tolist(), inputs[5].tolist()))
+        return decoder_batch(inputs, *args)
 
-    monkeypatch.setattr(engine.runner, "batch", spy)
+    monkeypatch.setattr(decode_step, "decoder_batch", spy)
     for r in reqs:
         engine.add(r)
     results, failures = drain(engine)

@@ -142,7 +142,7 @@ def as_float32(x, w, kw):
 def kernel_cases(device: str):
     """(dtype, shapes, relative tolerance): model-sized in half precision on the GPU, small in the interpreter."""
     if device == "cuda":
-        return [(dt, [(1, 3072, 1024), (2, 1024, 1024), (7, 1024, 4096), (12, 1024, 1024), (64, 4096, 1024),
+        return [(dt, [(1, 3072, 1024), (1, 1024, 4096), (2, 1024, 1024), (7, 1024, 4096), (12, 1024, 1024), (64, 4096, 1024),
                       (100, 3072, 1024)], 1e-2) for dt in (torch.float16, torch.bfloat16)]  # fmt: skip
     # rows: one; register dot products of two (`fused.REGISTER_ROWS`); tl.dot tiles of 16 (masked) and 64
     return [(torch.float32, [(1, 96, 256), (2, 64, 384), (5, 64, 384), (12, 48, 128), (70, 32, 128)], 1e-5)]
@@ -267,7 +267,8 @@ def test_fused_layernorm_statistics_of_rows_far_from_zero(kernel_device):
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
 def test_lm_head_topk_matches_log_softmax_topk(fmt, topk, m, kernel_device):
     """Top-1 (what greedy steps ask for) and top-8 (beam search) agree with the reference's first K, for
-    one row (LayerNorm inside the kernel) and several (normalized before it)."""
+    one row (LayerNorm inside the kernel) and several (normalized before it); each row's best id also
+    lands in `top1`, as far as it goes."""
     from serve.runtime import fused
 
     vocab, k = (250054, 1024) if kernel_device == "cuda" else (300, 128)
@@ -282,10 +283,12 @@ def test_lm_head_topk_matches_log_softmax_topk(fmt, topk, m, kernel_device):
     blocked = torch.tensor([1, 0, 1, 1, 0][:m], device=kernel_device)
     x32, w32, kw32 = as_float32(x, w, {"norm": norm})
     ref_v, ref_i = fused.lm_head_topk_reference(x32, w32, vocab, 8, 3, blocked, **kw32)
+    top1 = torch.full((max(m - 1, 1),), -1, device=kernel_device)
     got_v, got_i = fused.lm_head_topk_triton(
-        x, w, vocab, topk, 3, blocked, norm, block_n=None if dtype != torch.float32 else 32
+        x, w, vocab, topk, 3, blocked, norm, block_n=None if dtype != torch.float32 else 32, top1=top1
     )
     assert got_i.shape == (m, topk) and (got_i < vocab).all() and not (got_i[blocked.bool()] == 3).any()
+    assert torch.equal(top1[: m - 1], got_i[: m - 1, 0]) and (m > 1 or top1.item() == got_i[0, 0])
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert (got_v - ref_v[:, :topk]).abs().max().item() < tol
     clear = ref_v[:, 0] - ref_v[:, 1] > 10 * tol  # half-precision products may reorder near-ties
@@ -373,3 +376,25 @@ def test_decode_with_kernels_matches_reference_path(shortlisted_ckpt, kernel_dev
         finally:
             fused.ENABLED = True
         assert with_kernels == without
+
+
+def test_embedding_kernel_matches_reference(kernel_device):
+    """Token embedding times the scale, plus the position's, then LayerNorm, in one launch."""
+    from serve.runtime import fused
+
+    g = torch.Generator().manual_seed(5)
+    vocab, positions, d = 50, 20, 96  # d not a power of two: masked lanes must not enter the statistics
+    dtypes = [torch.float16, torch.bfloat16] if kernel_device == "cuda" else [torch.float32]
+    for dtype in dtypes:
+        tok_w = torch.randn(vocab, d, generator=g).to(kernel_device, dtype)
+        pos_w = torch.randn(positions, d, generator=g).to(kernel_device, dtype)
+        norm = torch.nn.LayerNorm(d, device=kernel_device, dtype=dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
+            norm.bias.copy_(torch.rand(d, generator=g) - 0.5)
+        tokens = torch.randint(vocab, (7,), generator=g).to(kernel_device)
+        pos = torch.randint(positions, (7,), generator=g).to(kernel_device)
+        got = fused.embed_triton(tokens, pos, tok_w, pos_w, 32.0, norm)
+        ref = fused.embed_reference(tokens, pos, tok_w, pos_w, 32.0, norm)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert got.dtype == dtype and (got.float() - ref.float()).abs().max().item() < tol

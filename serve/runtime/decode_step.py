@@ -1,9 +1,9 @@
 """One decoder step and its token choice on the device, optionally replayed as a CUDA graph.
 
 Block tables live on the device in fixed "rows" (one per running beam), written once when a
-request is admitted. A step then uploads only six integers per query row (row, token, position,
-EOS-blocked, token source, the first position its sequence feeds in this step) in one copy; slots,
-context lengths and tables are derived on the device. The step returns, for every query row, the
+request is admitted. A step then uploads only six integers per query row (`step_inputs.INPUTS`)
+in one copy, padding rows included; slots, context lengths and tables are derived on the device
+in one launch (`step_inputs.decoder_batch`). The step returns, for every query row, the
 top-K log-probabilities and token ids: all greedy (K=1) and beam search (K=2*beam: the best 2*beam
 of each beam contain the best 2*beam overall) need, so only [rows, K] numbers come back instead of
 [rows, vocab] logits; a step of greedy requests alone asks for K=1, which spares the lm_head kernel
@@ -25,12 +25,12 @@ import torch
 
 from serve.runtime.fused import Shortlist
 from serve.runtime.kv_cache import KVPool
-from serve.runtime.model import Decoder, DecoderBatch
+from serve.runtime.model import Decoder
 from serve.runtime.shortlist import RowTokens, ShortlistUnion
+from serve.runtime.step_inputs import HOST_TOKEN, RowTables, decoder_batch
 from serve.runtime.transfer import upload
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-HOST_TOKEN = -1  # `sources` entry of a query row whose token the host gives
 
 
 @dataclass
@@ -61,6 +61,7 @@ class DecodeRunner:
         self.cross_tables = self.tables.clone()
         self.cross_lens = torch.ones(num_rows + 1, dtype=torch.long, device=dev)
         self.host_cross_lens = [1] * (num_rows + 1)  # to trim eager steps to the longest source
+        self.row_tables = RowTables(self.tables, self.cross_tables, self.cross_lens, pool.block_size)
         self.free_rows = list(range(num_rows - 1, -1, -1))
         # with a shortlist: the tokens each row may emit (the scratch row none, so padding adds none),
         # and the ascending ids any open row may emit (`union_ids[:union_count]`), which the lm_head reads
@@ -78,8 +79,7 @@ class DecodeRunner:
         self.chosen = torch.zeros(max(max_rows, 1), dtype=torch.long, device=dev)
         # torch.compile fuses the small per-layer kernels (norms, bias adds, GELU) between GEMMs.
         self._step = torch.compile(self._topk, dynamic=True) if compile else self._topk
-        pad = torch.tensor([[self.scratch_row], [0], [0], [0], [HOST_TOKEN], [0]], device=dev)
-        self._padding = pad.expand(6, max(self.buckets, default=1))  # query rows that do nothing
+        self._padding = [self.scratch_row, 0, 0, 0, HOST_TOKEN, 0]  # a query row that does nothing
 
     # ---- rows -------------------------------------------------------------------------------
     def open_rows(self, beams: list[tuple[list[int], list[int], int, RowTokens | None]]) -> list[int]:
@@ -111,40 +111,37 @@ class DecodeRunner:
             self.union.close(row)
 
     # ---- steps ------------------------------------------------------------------------------
-    def batch(self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-              widths: tuple[int, int] | None = None, fresh_from: torch.Tensor | None = None) -> DecoderBatch:  # fmt: skip
-        """The DecoderBatch of query rows (device tensors), derived from the persistent tables.
-
-        `widths` trims the self/cross tables to the blocks this step can touch (eager steps; a
-        graph keeps the full width and the kernel never reads past the lengths).
-        """
-        bs = self.pool.block_size
-        w, c = widths or (self.tables.shape[1], self.cross_tables.shape[1])
-        tables = self.tables[rows, :w]
-        slots = tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
-        return DecoderBatch(tokens, positions, slots, tables, positions + 1, self.cross_tables[rows, :c],
-                            self.cross_lens[rows], fresh_from=fresh_from)  # fmt: skip
-
     def _widths(self, rows: list[int], positions: list[int]) -> tuple[int, int]:
         blocks = self.pool.blocks_for
         return blocks(max(positions) + 1), blocks(max(self.host_cross_lens[r] for r in rows))
 
+    def _inputs(self, rows: list[int], tokens: list[int], positions: list[int], eos_blocked: list[bool],
+                sources: list[int], width: int) -> torch.Tensor:  # fmt: skip
+        """The step's [6, width] inputs on the host (`step_inputs.INPUTS`), padded with rows that do nothing."""
+        # a sequence fed several positions at once (its forced prefix) writes their K/V in this step
+        first: dict[int, int] = {}
+        for row, pos in zip(rows, positions, strict=True):
+            first[row] = min(first.get(row, pos), pos)
+        fresh = [first[r] for r in rows]
+        columns = [*zip(rows, tokens, positions, eos_blocked, sources, fresh, strict=True)]
+        columns += [self._padding] * (width - len(rows))
+        return torch.tensor(columns, dtype=torch.long).t().contiguous()
+
     def logits(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Float32 logits [rows, vocab] of every query row (teacher forcing), on the CPU."""
-        t = [torch.tensor(x, device=self.device) for x in (rows, tokens, positions)]
-        return self.decoder(self.batch(*t, self._widths(rows, positions)), self.pool.layers).cpu()
+        n = len(rows)
+        inputs = self._inputs(rows, tokens, positions, [False] * n, [HOST_TOKEN] * n, n)
+        widths = self._widths(rows, positions)
+        batch = decoder_batch(upload(inputs, self.device), self.chosen, self.row_tables, widths)
+        return self.decoder(batch, self.pool.layers).cpu()
 
     def _topk(self, inputs: torch.Tensor, k: int, widths: tuple[int, int] | None = None):
-        rows, tokens, positions, eos_blocked, sources, fresh_from = inputs
-        tokens = torch.where(sources == HOST_TOKEN, tokens, self.chosen[sources.clamp(min=0)])
-        batch = self.batch(rows, tokens, positions, widths, fresh_from)
+        batch = decoder_batch(inputs, self.chosen, self.row_tables, widths)
+        rows, eos_blocked = inputs[0], inputs[3]
         shortlist = None
         if self.allowed is not None:
             shortlist = Shortlist(self.allowed, rows, self.union_ids, self.union_count)
-        values, ids = self.decoder.topk(batch, self.pool.layers, k, self.eos_id, eos_blocked, shortlist)
-        n = min(ids.shape[0], self.chosen.numel())
-        self.chosen[:n] = ids[:n, 0]
-        return values, ids
+        return self.decoder.topk(batch, self.pool.layers, k, self.eos_id, eos_blocked, shortlist, self.chosen)
 
     def can_feed(self, launched: LaunchedStep) -> bool:
         """Whether the next launch may take tokens from every query row of `launched`."""
@@ -161,20 +158,14 @@ class DecodeRunner:
         n, k = len(rows), 1 if greedy else self.k
         if sources is None:
             sources = [HOST_TOKEN] * n
-        # a sequence fed several positions at once (its forced prefix) writes their K/V in this step
-        first: dict[int, int] = {}
-        for row, pos in zip(rows, positions, strict=True):
-            first[row] = min(first.get(row, pos), pos)
-        fresh_from = [first[row] for row in rows]
-        packed = torch.tensor([rows, tokens, positions, eos_blocked, sources, fresh_from], dtype=torch.long)
         self._refresh_union()
         bucket = next((b for b in self.buckets if b >= n), None)
+        inputs = self._inputs(rows, tokens, positions, eos_blocked, sources, bucket or n)
         if bucket is None:
-            values, ids = self._step(upload(packed, self.device), k, self._widths(rows, positions))
+            values, ids = self._step(upload(inputs, self.device), k, self._widths(rows, positions))
         else:
             graph, static, (values, ids) = self._graph(bucket, k)
-            static[:, :n].copy_(packed.pin_memory(), non_blocking=True)  # queued: no host wait
-            static[:, n:] = self._padding[:, : bucket - n]
+            static.copy_(inputs.pin_memory(), non_blocking=True)  # queued: no host wait
             graph.replay()
         if self.device.type != "cuda":
             return LaunchedStep(values[:n], ids[:n], None, n)
@@ -200,7 +191,7 @@ class DecodeRunner:
 
     def _graph(self, n: int, k: int):
         if (n, k) not in self.graphs:
-            static = self._padding[:, :n].clone()
+            static = upload(self._inputs([], [], [], [], [], n), self.device)
             chosen = self.chosen.clone()  # a capture may come between a launch and the one it feeds
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))

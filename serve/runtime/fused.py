@@ -14,9 +14,9 @@ epilogue. Weights stay in the checkpoint's layout and are dequantized in registe
 | INT4 (W4A16_AWQ) | int8 [N/2, K], rows 2j / 2j+1 in the low / high nibble | [N, K/group], x scaled by [K] first |
 
 One row (batch 1), and up to `REGISTER_ROWS`, takes register dot products over narrow slabs of the
-whole K instead of `tl.dot`, which needs 16 rows, and requests its weights before it waits for the
-previous kernel (`kernels.pdl_wait`), so a layer's weights stream in while the layer before it
-finishes. More rows take `tl.dot` tiles. A decode-shaped layer can have fewer output tiles than the
+whole K instead of `tl.dot`, which needs 16 rows, and requests its weights, bias, scales and
+LayerNorm weights before it waits for the previous kernel (`kernels.pdl_wait`), so a layer's
+weights stream in while the layer before it finishes. More rows take `tl.dot` tiles. A decode-shaped layer can have fewer output tiles than the
 GPU has SMs; where it also has a long K loop (the FFN output, every int4 layer), `_split_k` splits K
 across programs, and the last program of each tile sums the partials in a fixed order, so results
 stay deterministic.
@@ -25,8 +25,9 @@ The self-attention QKV projection also stores its K and V thirds in the paged ca
 `lm_head_topk_triton` runs the final LayerNorm and the lm_head the same way, but never writes the
 [rows, vocab] logits: each program reduces its vocabulary tile to a softmax partial (max, sum
 of exponentials) and its local top-K, and a small merge gives each row's top-K log-probabilities.
+`embed` runs the embeddings' lookups, scale, sum and LayerNorm as one launch.
 
-Both fall back to the PyTorch composition they are tested against (`*_reference`) off CUDA,
+All three fall back to the PyTorch composition they are tested against (`*_reference`) off CUDA,
 for more than `MAX_ROWS` rows, under tensor parallelism where a kernel would need a collective
 inside it, and for formats they do not read (SmoothQuant); `MT_FUSED=0` forces the fallback.
 CI runs the kernels themselves on CPU tensors in Triton's interpreter (`kernels.CPU_INTERPRETER`).
@@ -158,27 +159,43 @@ if triton is not None:
         return w
 
     @triton.jit
-    def _slab(x_rows, w, s_ptr, pre_ptr, g_ptr, beta_ptr, m_ok, cols, n_ok, k0, k_hi, mean, rstd, stride_sn,
-              FMT: tl.constexpr, GROUP: tl.constexpr, HAS_LN: tl.constexpr, IEEE: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-        """fp32 [BLOCK_M, BLOCK_N] product of LN(x) over inputs k0.. (below k_hi) and their weight tile w."""
+    def _slab_consts(s_ptr, pre_ptr, g_ptr, beta_ptr, cols, n_ok, k0, k_hi, stride_sn, FMT: tl.constexpr,
+                     GROUP: tl.constexpr, HAS_LN: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_K: tl.constexpr):  # fmt: skip
+        """What the product over inputs k0.. reads besides x and the weight tile, all of which no kernel writes:
+        the LayerNorm's gamma and beta, int4's input scales, and its group scales on the register path."""
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < k_hi
-        a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        g, b, pre, gs = 0.0, 0.0, 0.0, 0.0
         if HAS_LN:  # masked columns get gamma = beta = 0, so they stay zero
             g = tl.load(g_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
             b = tl.load(beta_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        if FMT == 2:
+            pre = tl.load(pre_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            if BLOCK_M < 16:  # each input's own group scale, so a slab may span groups
+                gs = tl.load(s_ptr + cols[None, :] * stride_sn + (kk // GROUP)[:, None],
+                             mask=n_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
+        return g, b, pre, gs
+
+    @triton.jit
+    def _slab(x_rows, w, g, b, pre, gs, s_ptr, m_ok, cols, n_ok, k0, k_hi, mean, rstd, stride_sn, FMT: tl.constexpr,
+              GROUP: tl.constexpr, HAS_LN: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_K: tl.constexpr):  # fmt: skip
+        """fp32 [BLOCK_M, BLOCK_N] product of LN(x) over inputs k0.. (below k_hi) and their weight tile w, with
+        the slab's `_slab_consts` (g, b, pre, gs)."""
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < k_hi
+        a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_LN:
             a = ((a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]).to(
                 x_rows.dtype.element_ty
             )
         if FMT == 2:
-            pre = tl.load(pre_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) * pre[None, :]).to(x_rows.dtype.element_ty)
         if BLOCK_M < 16:  # a dot product per row and column in registers (tl.dot takes 16 rows)
             w = w.to(tl.float32)
-            if FMT == 2:  # each input's own group scale, so a slab may span groups
-                w *= tl.load(s_ptr + cols[None, :] * stride_sn + (kk // GROUP)[:, None],
-                             mask=n_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
+            if FMT == 2:
+                w *= gs
             if BLOCK_M == 1:
                 return tl.sum(tl.trans(a).to(tl.float32) * w, axis=0, keep_dims=True)
             return tl.sum(a.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
@@ -199,13 +216,18 @@ if triton is not None:
         or up to K) for output columns `cols`: program_id(0)'s contiguous block, or any ids with
         GATHER (the lm_head over a shortlist). The LayerNorm statistics always cover all K inputs.
 
-        With register dot products (BLOCK_M < 16), the first slab's weights are requested first: before the previous
-        kernel has finished (`kernels.pdl_wait`), and before the statistics' reads of x."""
+        With register dot products (BLOCK_M < 16), all that the first slab reads besides x, and int8's channel
+        scales, are requested first: before the previous kernel has finished (`kernels.pdl_wait`), and before
+        the statistics' reads of x."""
         x_rows = x_ptr + rm[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         k_first = k_lo
         if BLOCK_M < 16:  # register dot products
+            if FMT == 1:
+                channel = tl.load(s_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)
             w = _w_tile(w_ptr, cols, n_ok, k_lo, k_hi, N, stride_wn, stride_wk, FMT, GATHER, BLOCK_N, BLOCK_K)
+            g, b, pre, gs = _slab_consts(s_ptr, pre_ptr, g_ptr, beta_ptr, cols, n_ok, k_lo, k_hi, stride_sn, FMT,
+                                         GROUP, HAS_LN, BLOCK_M, BLOCK_K)  # fmt: skip
             k_first = k_lo + BLOCK_K
         pdl_wait(PDL)
         mean = tl.zeros((BLOCK_M,), tl.float32)
@@ -213,14 +235,18 @@ if triton is not None:
         if HAS_LN:
             mean, rstd = _row_stats(x_rows, m_ok, K, eps, BLOCK_M, BLOCK_S)
         if BLOCK_M < 16:
-            acc = _slab(x_rows, w, s_ptr, pre_ptr, g_ptr, beta_ptr, m_ok, cols, n_ok, k_lo, k_hi, mean, rstd,
-                        stride_sn, FMT, GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_K)  # fmt: skip
+            acc = _slab(x_rows, w, g, b, pre, gs, s_ptr, m_ok, cols, n_ok, k_lo, k_hi, mean, rstd, stride_sn, FMT,
+                        GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_K)  # fmt: skip
         for k0 in range(k_first, k_hi, BLOCK_K):
             w = _w_tile(w_ptr, cols, n_ok, k0, k_hi, N, stride_wn, stride_wk, FMT, GATHER, BLOCK_N, BLOCK_K)
-            acc += _slab(x_rows, w, s_ptr, pre_ptr, g_ptr, beta_ptr, m_ok, cols, n_ok, k0, k_hi, mean, rstd,
-                         stride_sn, FMT, GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_K)  # fmt: skip
+            g, b, pre, gs = _slab_consts(s_ptr, pre_ptr, g_ptr, beta_ptr, cols, n_ok, k0, k_hi, stride_sn, FMT,
+                                         GROUP, HAS_LN, BLOCK_M, BLOCK_K)  # fmt: skip
+            acc += _slab(x_rows, w, g, b, pre, gs, s_ptr, m_ok, cols, n_ok, k0, k_hi, mean, rstd, stride_sn, FMT,
+                         GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_K)  # fmt: skip
         if FMT == 1:
-            acc = acc * tl.load(s_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if BLOCK_M >= 16:  # after the loop: the one run that read it first had the int8 lm_head slower
+                channel = tl.load(s_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)
+            acc = acc * channel[None, :]
         return acc
 
     @triton.jit
@@ -242,6 +268,9 @@ if triton is not None:
         ok = m_ok[:, None] & (rn < N)[None, :]
         slab = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
         k_lo = tl.program_id(2) * slab
+        bias = 0.0
+        if HAS_BIAS:  # requested before _matmul_tile waits for the previous kernel: no kernel writes it
+            bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
         acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, rn, rn < N, N, K, k_lo,
                            tl.minimum(K, k_lo + slab), eps, stride_xm, stride_wn, stride_wk, stride_sn, FMT, GROUP,
                            HAS_LN, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S, PDL)  # fmt: skip
@@ -249,7 +278,7 @@ if triton is not None:
         if KV:
             slot = tl.load(slots_ptr + rm, mask=m_ok, other=0).to(tl.int64)
         if SPLIT_K == 1:
-            _epilogue(acc, bias_ptr, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RES,
+            _epilogue(acc, bias, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RES,
                       kp_ptr, vp_ptr, slot, stride_ps, KV)  # fmt: skip
         else:
             parts = ws_ptr + rm[:, None] * N + rn[None, :]
@@ -261,14 +290,14 @@ if triton is not None:
                 for i in tl.static_range(SPLIT_K):
                     acc += tl.load(parts + i * M * N, mask=ok, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(lock, 0)
-                _epilogue(acc, bias_ptr, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RES,
+                _epilogue(acc, bias, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RES,
                           kp_ptr, vp_ptr, slot, stride_ps, KV)  # fmt: skip
 
     @triton.jit
-    def _epilogue(acc, bias_ptr, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS: tl.constexpr,
+    def _epilogue(acc, bias, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS: tl.constexpr,
                   ACT: tl.constexpr, HAS_RES: tl.constexpr, kp_ptr, vp_ptr, slot, stride_ps, KV: tl.constexpr):  # fmt: skip
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            acc += bias[None, :]
         if ACT == 1:
             acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
         elif ACT == 2:  # tanh approximation; tanh(z) = 2 sigmoid(2z) - 1
@@ -345,10 +374,11 @@ if triton is not None:
                 tl.store(cidx_ptr + out + i, tl.zeros((BLOCK_M,), tl.int32), mask=m_ok)
 
     @triton.jit
-    def _topk_merge_kernel(pmax_ptr, psum_ptr, cval_ptr, cidx_ptr, val_ptr, idx_ptr, TILES,
+    def _topk_merge_kernel(pmax_ptr, psum_ptr, cval_ptr, cidx_ptr, val_ptr, idx_ptr, top1_ptr, TILES, TOP1_ROWS,
                            TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                            PDL: tl.constexpr):  # fmt: skip
-        # One row per program: log-sum-exp of the tiles' partials, then the TOPK best candidates.
+        # One row per program: log-sum-exp of the tiles' partials, then the TOPK best candidates; the
+        # first TOP1_ROWS rows' best id also goes to top1.
         pdl_start(PDL)
         pdl_wait(PDL)
         row = tl.program_id(0)
@@ -364,8 +394,34 @@ if triton is not None:
         for i in tl.static_range(TOPK):
             best = tl.argmax(cand, axis=0)
             tl.store(val_ptr + row * TOPK + i, tl.max(cand, axis=0) - lse)
-            tl.store(idx_ptr + row * TOPK + i, tl.load(cidx_ptr + row * n + best).to(tl.int64))
+            idx = tl.load(cidx_ptr + row * n + best).to(tl.int64)
+            tl.store(idx_ptr + row * TOPK + i, idx)
+            if i == 0:
+                tl.store(top1_ptr + row, idx, mask=row < TOP1_ROWS)
             cand = tl.where(c == best, float("-inf"), cand)
+
+    @triton.jit
+    def _embed_kernel(tokens_ptr, positions_ptr, tok_w_ptr, pos_w_ptr, g_ptr, beta_ptr, y_ptr, D, scale, eps,
+                      stride_tok, stride_pos, stride_y, BLOCK_D: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        # One row per program, rounded where PyTorch's ops round: the scaled token embedding and the sum
+        # in the weights' dtype, the LayerNorm in float32.
+        pdl_start(PDL)
+        pdl_wait(PDL)  # the tokens may be the previous step's choices
+        i = tl.program_id(0)
+        d = tl.arange(0, BLOCK_D)
+        ok = d < D
+        token = tl.load(tokens_ptr + i)
+        position = tl.load(positions_ptr + i)
+        dtype = y_ptr.dtype.element_ty
+        e = (tl.load(tok_w_ptr + token * stride_tok + d, mask=ok, other=0.0).to(tl.float32) * scale).to(dtype)
+        p = tl.load(pos_w_ptr + position * stride_pos + d, mask=ok, other=0.0)
+        x = (e.to(tl.float32) + p.to(tl.float32)).to(dtype).to(tl.float32)
+        mean = tl.sum(x, axis=0) / D
+        diff = tl.where(ok, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
+        g = tl.load(g_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(beta_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + i * stride_y + d, (diff * rstd * g + b).to(dtype), mask=ok)
 
 
 def _block_m(m: int) -> int:
@@ -384,12 +440,14 @@ def _stats_block(bm: int, bk: int, k: int) -> int:
 def _tiles(w: Weights, n: int, k: int, bm: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, warps): the fastest measured on the H100 (`scripts/bench_kernels.py --sweep`).
 
-    One row reads narrow tiles of the whole K (or 2048 of it), so that each program's weights arrive in
-    one or two trips; the 16-row tiles were swept at one row, before one row had its own path. (Float tiles
-    of 16 columns time faster alone on the H200, QKV 4.3 -> 3.8 us, but the step's graph 0.471 -> 0.530 ms.)"""
+    One row reads narrow tiles of the whole K (int8 and int4: 2048 of it, unmeasured at 4096), so that each
+    program's weights arrive in one or two trips; the 16-row tiles were swept at one row, before one row had
+    its own path. (Float tiles of 16 columns time faster alone on the H200, QKV 4.3 -> 3.8 us, but the step's
+    graph 0.471 -> 0.530 ms.)"""
     if bm < 16:  # register dot products: the one-row tile's registers, spread over the rows
-        bn, bk, warps = (4, 2048, 8) if k > 1024 else ((8 if w.fmt == INT4 else 4), 1024, 4)
-        return bn, bk // bm, warps
+        if k > 1024:  # fp16 FFN output: its whole K of 4096 in one slab, 4.4-5.1 -> 3.5 us on the H200
+            return 4, (min(triton.next_power_of_2(k), 4096) if w.fmt == FLOAT else 2048) // bm, 8
+        return (8 if w.fmt == INT4 else 4), 1024 // bm, 4
     if w.fmt == INT4:
         return 32, min(64, w.group), 4
     if w.fmt == INT8:
@@ -579,10 +637,11 @@ class Shortlist:
 
 def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id: int, eos_blocked: torch.Tensor,
                         norm: torch.nn.LayerNorm | None = None, shortlist: Shortlist | None = None,
-                        block_n: int | None = None, block_k: int | None = None,
-                        num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                        block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+                        top1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Top-k log-probabilities and ids [rows, k] of softmax(LN(x) W^T)[:, :vocab], EOS masked where blocked,
-    over each row's shortlist where one is given (log-probabilities normalized over it).
+    over each row's shortlist where one is given (log-probabilities normalized over it). Each row's best id
+    also goes to `top1`, as far as it goes.
 
     Several rows are normalized first, by one LayerNorm launch: in the kernel, each of the ~1000
     vocabulary tiles would read all rows twice more for their statistics (at 64 rows on the H200,
@@ -613,7 +672,8 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
     values = torch.empty(m, k, dtype=torch.float32, device=x.device)
     ids = torch.empty(m, k, dtype=torch.long, device=x.device)
     block_c = triton.next_power_of_2(tiles * k)
-    _topk_merge_kernel[(m,)](pmax, psum, cval, cidx, values, ids, tiles, TOPK=k,
+    _topk_merge_kernel[(m,)](pmax, psum, cval, cidx, values, ids, ids if top1 is None else top1, tiles,
+                             0 if top1 is None else min(m, len(top1)), TOPK=k,
                              BLOCK_T=triton.next_power_of_2(tiles), BLOCK_C=block_c,
                              num_warps=max(1, min(16, block_c // 1024)), **kernels.pdl_args(x))  # fmt: skip
     return values, ids
@@ -635,3 +695,27 @@ def topk_logprobs(logits: torch.Tensor, k: int, eos_id: int, eos_blocked: torch.
     logp = torch.log_softmax(logits, dim=-1)
     logp[:, eos_id] = logp[:, eos_id].masked_fill(eos_blocked.bool(), float("-inf"))
     return torch.topk(logp, k, dim=-1)
+
+
+def embed(tokens: torch.Tensor, positions: torch.Tensor, tok_w: torch.Tensor, pos_w: torch.Tensor, scale: float,
+          norm: torch.nn.LayerNorm) -> torch.Tensor:  # fmt: skip
+    """LN(tok_w[tokens] * scale + pos_w[positions]): one launch where Triton runs (four PyTorch kernels
+    otherwise, each a launch gap of its own in a decode step's graph)."""
+    if ENABLED and kernels.triton_ok(tok_w) and tokens.numel() > 0:
+        return embed_triton(tokens, positions, tok_w, pos_w, scale, norm)
+    return embed_reference(tokens, positions, tok_w, pos_w, scale, norm)
+
+
+def embed_triton(tokens: torch.Tensor, positions: torch.Tensor, tok_w: torch.Tensor, pos_w: torch.Tensor,
+                 scale: float, norm: torch.nn.LayerNorm) -> torch.Tensor:  # fmt: skip
+    n, d = tokens.numel(), tok_w.shape[1]
+    y = torch.empty(n, d, dtype=tok_w.dtype, device=tok_w.device)
+    _embed_kernel[(n,)](tokens, positions, tok_w, pos_w, norm.weight, norm.bias, y, d, scale, norm.eps,
+                        tok_w.stride(0), pos_w.stride(0), y.stride(0), BLOCK_D=triton.next_power_of_2(d),
+                        **kernels.pdl_args(tok_w))  # fmt: skip
+    return y
+
+
+def embed_reference(tokens: torch.Tensor, positions: torch.Tensor, tok_w: torch.Tensor, pos_w: torch.Tensor,
+                    scale: float, norm: torch.nn.LayerNorm) -> torch.Tensor:  # fmt: skip
+    return norm(F.embedding(tokens, tok_w) * scale + F.embedding(positions, pos_w))

@@ -262,8 +262,9 @@ class Transformer(nn.Module):
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps) if cfg.has_final_layernorm else nn.Identity()
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.vocab_embedding(tokens) * self.cfg.embedding_scale + self.position_embedding(positions)
-        return self.ln_embed(x)
+        """LN(token embedding * scale + position embedding): one kernel where `fused.embed` has one."""
+        return fused.embed(tokens, positions, self.vocab_embedding.weight, self.position_embedding.weight,
+                           self.cfg.embedding_scale, self.ln_embed)  # fmt: skip
 
 
 class Encoder(nn.Module):
@@ -305,10 +306,10 @@ class Decoder(nn.Module):
         return gather_vocab(self.lm_head(x).float())[:, : self.cfg.vocab_size]
 
     def topk(self, b: DecoderBatch, kv_pools: list[tuple[torch.Tensor, torch.Tensor]], k: int, eos_id: int,
-             eos_blocked: torch.Tensor,
-             shortlist: fused.Shortlist | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+             eos_blocked: torch.Tensor, shortlist: fused.Shortlist | None = None,
+             top1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Top-k (log-prob, id) [rows, k] of the next token, EOS masked where `eos_blocked`, over each
-        row's shortlist where one is given.
+        row's shortlist where one is given; each row's best id is also stored in `top1` (as far as it goes).
 
         On one rank the final norm, lm_head and log-softmax run as `fused.lm_head_topk_triton`,
         which never writes the [rows, vocab] logits and reads only the shortlist's lm_head rows.
@@ -317,9 +318,13 @@ class Decoder(nn.Module):
         w, vocab = self.lm_head.kernel_weights(), self.cfg.vocab_size
         if tp.world_size() == 1 and fused.usable(x, w, fused.LM_HEAD_MAX_ROWS):
             norm = self.transformer.ln_f if self.cfg.has_final_layernorm else None
-            return fused.lm_head_topk_triton(x, w, vocab, k, eos_id, eos_blocked, norm, shortlist)
+            return fused.lm_head_topk_triton(x, w, vocab, k, eos_id, eos_blocked, norm, shortlist, top1=top1)
         logits = gather_vocab(self.lm_head(self.transformer.ln_f(x)).float())[:, :vocab]
-        return fused.topk_logprobs(logits, k, eos_id, eos_blocked, shortlist)
+        values, ids = fused.topk_logprobs(logits, k, eos_id, eos_blocked, shortlist)
+        if top1 is not None:
+            n = min(len(ids), len(top1))
+            top1[:n] = ids[:n, 0]
+        return values, ids
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
