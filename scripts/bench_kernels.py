@@ -35,8 +35,7 @@ VOCAB, HIDDEN, HEADS = 250054, 1024, 16
 L2_BYTES = 50 * 2**20
 
 
-def weights(fmt: str, n: int, k: int) -> fused.Weights:
-    dev = "cuda"
+def weights(fmt: str, n: int, k: int, dev: str = "cuda") -> fused.Weights:
     if fmt == "fp16":
         return fused.Weights(fused.FLOAT, torch.randn(n, k, device=dev, dtype=torch.float16) / 32)
     if fmt == "int8":  # [K, N] stored K-contiguous, as the runtime lays it out at load

@@ -1,0 +1,127 @@
+"""What a fused decode linear compiles to on a GPU architecture, on any machine (no GPU needed).
+
+GPU time is scarce, and some costs can be read off the compiled kernel: a layout conversion is a
+round trip through shared memory with barriers, and a load's width says how many trips a tile takes.
+This calls `fused.linear_triton` with CPU tensors of a decoder layer's shape, as the runtime would
+(the same tiles, split-K and specialization), but compiles for --arch instead of launching, and
+prints per format the layout conversions, barriers and global loads of the result.
+
+    python scripts/kernel_asm.py --shapes dense,"cross q" --formats fp16,int8 --rows 1
+    python scripts/kernel_asm.py --shapes fc --formats int4 --out /tmp/asm  # + JSON, .ttgir and .ptx
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, not interpret (the CPU test suite sets it)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.bench_kernels import SHAPES, weights  # noqa: E402
+from serve.runtime import fused, kernels  # noqa: E402
+
+
+class _CompileOnly:
+    """A Triton driver for a GPU that is not here: the compiler's target, and nothing to launch on."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def compiling_for(arch: int, compiled: list):
+    """Within: Triton launches compile for `arch` instead, appending each CompiledKernel to `compiled`,
+    and kernels take programmatic dependent launch as on Hopper."""
+    import triton
+    from triton import knobs
+    from triton.compiler import ASTSource
+
+    driver = _CompileOnly(arch)
+
+    def hook(*, fn, compile, **_) -> bool:
+        src = ASTSource(fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0])
+        options = {k: compile[k] for k in ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion")}
+        compiled.append(triton.compile(src, target=driver.target, options=options))
+        return True  # compiled: skip the launch
+
+    saved = (knobs.runtime.jit_cache_hook, kernels.pdl_args, triton.runtime.driver._active)
+    triton.runtime.driver.set_active(driver)
+    knobs.runtime.jit_cache_hook = hook
+    kernels.pdl_args = lambda x: {"PDL": True, "launch_pdl": True}
+    try:
+        yield
+    finally:
+        knobs.runtime.jit_cache_hook, kernels.pdl_args, previous = saved
+        triton.runtime.driver.set_active(previous)  # reset_active() would look for a GPU
+
+
+def summary(kernel) -> dict:
+    """Counts in the compiled kernel that cost latency: layout conversions, barriers, global loads by width."""
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    return {
+        "layout conversions": ttgir.count("ttg.convert_layout"),
+        "barriers": len(re.findall(r"\bbar\.sync\b", ptx)),
+        "global loads": dict(Counter(re.findall(r"ld\.global[\w.]*", ptx))),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"decoder linears, of {', '.join(SHAPES)}")
+    ap.add_argument("--formats", default="fp16,int8,int4")
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument(
+        "--out", type=Path, help="also write kernel_asm.json and each kernel's .ttgir and .ptx here"
+    )
+    args = ap.parse_args()
+    print("| shape | fmt | layout conversions | barriers | global loads |\n|---|---|---|---|---|")
+    results = []
+    for name in args.shapes.split(","):
+        n, k, ln, has_bias, act, has_res = SHAPES[name]
+        x = torch.randn(args.rows, k, dtype=torch.float16)
+        kw = dict(
+            bias=torch.zeros(n, dtype=torch.float16) if has_bias else None,
+            norm=torch.nn.LayerNorm(k, dtype=torch.float16) if ln else None,
+            act=act,
+            residual=torch.zeros(args.rows, n, dtype=torch.float16) if has_res else None,
+        )
+        for fmt in args.formats.split(","):
+            compiled: list = []
+            with compiling_for(args.arch, compiled):
+                fused.linear_triton(x, weights(fmt, n, k, "cpu"), n, **kw)
+            s = summary(compiled[0])
+            results.append({"shape": name, "fmt": fmt, "rows": args.rows, "arch": args.arch, **s})
+            loads = ", ".join(f"{v} {op}" for op, v in sorted(s["global loads"].items()))
+            print(f"| {name} | {fmt} | {s['layout conversions']} | {s['barriers']} | {loads} |")
+            if args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+                stem = f"{name.replace(' ', '_')}-{fmt}-{args.rows}rows"
+                for ext in ("ttgir", "ptx"):
+                    (args.out / f"{stem}.{ext}").write_text(compiled[0].asm[ext])
+    if args.out:
+        (args.out / "kernel_asm.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
