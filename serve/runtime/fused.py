@@ -16,10 +16,10 @@ epilogue. Weights stay in the checkpoint's layout and are dequantized in registe
 One row (batch 1), and up to `REGISTER_ROWS`, takes register dot products over narrow slabs of the
 whole K instead of `tl.dot`, which needs 16 rows, and requests its weights, bias, scales and
 LayerNorm weights before it waits for the previous kernel (`kernels.pdl_wait`), so a layer's
-weights stream in while the layer before it finishes. More rows take `tl.dot` tiles. A decode-shaped layer can have fewer output tiles than the
-GPU has SMs; where it also has a long K loop (the FFN output, every int4 layer), `_split_k` splits K
-across programs, and the last program of each tile sums the partials in a fixed order, so results
-stay deterministic.
+weights stream in while the layer before it finishes. More rows take `tl.dot` tiles. A
+decode-shaped layer can have fewer output tiles than the GPU has SMs; where it also has a long K
+loop (the FFN output, every int4 layer), `_split_k` splits K across programs, and the last program
+of each tile sums the partials in a fixed order, so results stay deterministic.
 The self-attention QKV projection also stores its K and V thirds in the paged cache (`KVOut`).
 
 `lm_head_topk_triton` runs the final LayerNorm and the lm_head the same way, but never writes the
@@ -699,8 +699,8 @@ def topk_logprobs(logits: torch.Tensor, k: int, eos_id: int, eos_blocked: torch.
 
 def embed(tokens: torch.Tensor, positions: torch.Tensor, tok_w: torch.Tensor, pos_w: torch.Tensor, scale: float,
           norm: torch.nn.LayerNorm) -> torch.Tensor:  # fmt: skip
-    """LN(tok_w[tokens] * scale + pos_w[positions]): one launch where Triton runs (four PyTorch kernels
-    otherwise, each a launch gap of its own in a decode step's graph)."""
+    """LN(tok_w[tokens] * scale + pos_w[positions]): one launch where Triton runs (five PyTorch kernels
+    otherwise: two lookups, scale, sum, LayerNorm; each a launch gap of its own in a decode step's graph)."""
     if ENABLED and kernels.triton_ok(tok_w) and tokens.numel() > 0:
         return embed_triton(tokens, positions, tok_w, pos_w, scale, norm)
     return embed_reference(tokens, positions, tok_w, pos_w, scale, norm)
