@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import gc
 import itertools
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -335,6 +337,14 @@ def tp_contenders(args: argparse.Namespace, hf_dir: Path, work: Path, device: to
     return items
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory removed when the process exits: at mBART-large shape a run writes several GB of
+    checkpoints, and a few runs left behind filled the GPU machine's 64 GiB disk."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
@@ -361,7 +371,7 @@ def main() -> None:
         args.concurrency, args.new_tokens = "1,4", 8
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
     levels = [int(c) for c in args.concurrency.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    work = scratch_dir("bench-")
     hf_dir = build_tiny_mbart(work / "hf", **({} if args.smoke else LARGE_DIMS))
     bandwidth = copy_bandwidth(device)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

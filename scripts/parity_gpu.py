@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convert.__main__ import convert_checkpoint  # noqa: E402
 from convert.tiny import LARGE_DIMS, build_tiny_mbart  # noqa: E402
 from eval.data import read_lines, test_pair_paths  # noqa: E402
+from scripts.bench import scratch_dir  # noqa: E402
 from serve.engine.request import SamplingParams  # noqa: E402
 from serve.runtime.translator import Translator  # noqa: E402
 
@@ -67,7 +67,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     from transformers import AutoTokenizer, MBartForConditionalGeneration
 
-    work = Path(tempfile.mkdtemp(prefix="parity-"))
+    work = scratch_dir("parity-")
     t0 = time.perf_counter()
     dims = {**LARGE_DIMS, "init_std": args.init_std} if args.shape == "large" else {}
     hf_dir = build_tiny_mbart(work / "hf", **dims)

@@ -22,7 +22,6 @@ import io
 import json
 import pstats
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convert.__main__ import convert_checkpoint  # noqa: E402
 from convert.tiny import LARGE_DIMS, build_tiny_mbart  # noqa: E402
-from scripts.bench import graph_replay_ms, run_engine, sync, workload  # noqa: E402
+from scripts.bench import graph_replay_ms, run_engine, scratch_dir, sync, workload  # noqa: E402
 from serve.engine.core import Engine  # noqa: E402
 from serve.runtime.decode_step import LaunchedStep  # noqa: E402
 from serve.runtime.translator import Translator  # noqa: E402
@@ -174,7 +173,7 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     ckpt = args.ckpt
     if ckpt is None:
-        work = Path(tempfile.mkdtemp(prefix="profile-"))
+        work = scratch_dir("profile-")
         hf = build_tiny_mbart(work / "hf", **({} if args.smoke else LARGE_DIMS))
         ckpt = work / "ckpt"
         convert_checkpoint(str(hf), ckpt, 1, "float32" if args.smoke else "float16", progress=False)

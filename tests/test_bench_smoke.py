@@ -5,6 +5,7 @@ match HF exactly); scripts/kernel_asm.py compiles for a GPU that is not here."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +15,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(args: list[str]) -> None:
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, timeout=600)
+def run(args: list[str], tmp: Path) -> None:
+    """Run a script with its own temporary directory, and check it removed its scratch work
+    (several GB of checkpoints at mBART-large shape)."""
+    scratch = tmp / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, timeout=600, env=env)
+    left = [p.name for p in scratch.iterdir() if p.name.startswith(("bench-", "profile-", "parity-"))]
+    assert not left, f"{args[0]} left its scratch directories behind: {left}"
 
 
 def test_bench_smoke_writes_table_json_and_plot(tmp_path):
     run(["scripts/bench.py", "--smoke", "--variants", "float32,int8_wo=rtn,float32+shortlist", "--out",
-         str(tmp_path)])  # fmt: skip
+         str(tmp_path)], tmp_path)  # fmt: skip
     report = json.loads((tmp_path / "bench.json").read_text())
     runtime = {"runtime float32", "runtime int8_wo", "runtime float32+shortlist"}
     assert set(report["contenders"]) == runtime | {"HF generate fp16", "HF generate fp16, no cuDNN SDPA"}
@@ -40,7 +48,7 @@ def test_bench_tp_mode_serves_each_variant_at_tp1_and_tp2_with_the_same_tokens(t
     """--tp-size 2 runs the variant through the server's backend at one and at two ranks (gloo here, NCCL
     on GPUs) and reports whether the two generated the same tokens."""
     run(["scripts/bench.py", "--smoke", "--tp-size", "2", "--variants", "float32", "--no-hf", "--out",
-         str(tmp_path)])  # fmt: skip
+         str(tmp_path)], tmp_path)  # fmt: skip
     report = json.loads((tmp_path / "bench.json").read_text())
     tp1, tp2 = report["contenders"]["runtime float32, TP=1"], report["contenders"]["runtime float32, TP=2"]
     for c in (tp1, tp2):
@@ -51,7 +59,7 @@ def test_bench_tp_mode_serves_each_variant_at_tp1_and_tp2_with_the_same_tokens(t
 
 def test_parity_script_tiny_fp32_is_exact(tmp_path):
     run(["scripts/parity_gpu.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
-         "--sentences", "8", "--max-new-tokens", "16", "--out", str(tmp_path)])  # fmt: skip
+         "--sentences", "8", "--max-new-tokens", "16", "--out", str(tmp_path)], tmp_path)  # fmt: skip
     report = json.loads((tmp_path / "parity.json").read_text())
     assert report["max_abs_logit_diff"] <= 1e-4
     assert report["greedy_identical_sequences"] == report["sentences"] == 8
@@ -62,7 +70,10 @@ def test_profile_smoke_splits_the_loop_and_idle_gaps_go_to_the_host_phase(tmp_pa
     gap attribution charges each device gap to the innermost host phase running when it began."""
     from scripts.profile_step import idle_gaps
 
-    run(["scripts/profile_step.py", "--smoke", "--rows", "4", "--new-tokens", "4", "--out", str(tmp_path)])
+    run(
+        ["scripts/profile_step.py", "--smoke", "--rows", "4", "--new-tokens", "4", "--out", str(tmp_path)],
+        tmp_path,
+    )
     split = json.loads((tmp_path / "profile.json").read_text())["host_split"]
     assert split["steps"] > 4 and split["tokens_per_s"] > 0 and split["host_ms_per_step"] > 0
 
@@ -77,7 +88,10 @@ def test_kernel_asm_compiles_the_runtimes_one_row_linear_for_hopper_without_a_gp
     """The attention output projection at one row, as `fused.linear_triton` would launch it, compiled for
     sm_90: its report counts what the compiled kernel does, and the PTX it wrote is Hopper's."""
     pytest.importorskip("triton")
-    run(["scripts/kernel_asm.py", "--shapes", "dense", "--formats", "fp16,int8", "--out", str(tmp_path)])
+    run(
+        ["scripts/kernel_asm.py", "--shapes", "dense", "--formats", "fp16,int8", "--out", str(tmp_path)],
+        tmp_path,
+    )
     report = json.loads((tmp_path / "kernel_asm.json").read_text())
     assert [(r["shape"], r["fmt"], r["arch"]) for r in report] == [
         ("dense", "fp16", 90),

@@ -2,10 +2,10 @@
 
 A decode step multiplies a few rows by every weight matrix, so each layer costs a launch and
 a pass over its weights; the LayerNorm, bias, GELU and residual add around it cost launches of
-their own. `linear` folds them into the matmul: the LayerNorm into its prologue (every program
-recomputes its rows' statistics, which are small next to the weight tile it streams below
-`NORM_FIRST_ROWS` rows; from there the norm runs first, as its own launch), the rest into its
-epilogue. Weights stay in the checkpoint's layout and are dequantized in registers:
+their own. `linear` folds them into the matmul: the LayerNorm into its prologue at one or two rows
+(every program recomputes its rows' statistics, small next to the weight slab it streams; from
+`NORM_FIRST_ROWS` rows the norm runs first, as its own launch), the rest into its epilogue.
+Weights stay in the checkpoint's layout and are dequantized in registers:
 
 | fmt | weight (TRT-LLM checkpoint layout) | scales |
 |---|---|---|
@@ -69,11 +69,12 @@ LM_HEAD_MAX_ROWS = 256
 # H200 (graph replays, fp16): 2 rows 0.85 -> 0.63 ms a step; 4 rows 0.87 -> 0.99 and 8 rows 0.90 -> 2.26
 # with it, so those keep tl.dot.
 REGISTER_ROWS = 2
-# From this many rows a linear's LayerNorm runs as its own launch before it: inside, every output tile
-# reads all rows twice more for the statistics. On the H200, norm-first at 16 / 64 rows (the launch
-# included): fp16 QKV 9.3 -> 8.1 / 15.1 -> 8.9 us, int4 QKV 19.6 -> 11.0 / 30.8 -> 14.6, int8 even at 16
-# rows and faster from 32 (`kernels-norm-first.json` under scripts/results/h200).
-NORM_FIRST_ROWS = 16
+# From this many rows (wherever tl.dot tiles run) a linear's LayerNorm runs as its own launch before it:
+# inside, every output tile reads all rows twice more for the statistics. On the H200, norm-first at 16 / 64
+# rows (the launch included): fp16 QKV 9.3 -> 8.1 / 15.1 -> 8.9 us, int4 QKV 19.6 -> 11.0 / 30.8 -> 14.6,
+# int8 even at 16 rows and faster from 32 (`kernels-norm-first.json` under scripts/results/h200); fp16 graph
+# replays at 4 / 8 rows 0.83 / 0.84 -> 0.69 / 0.71 ms (`replay-norm-first.json`).
+NORM_FIRST_ROWS = REGISTER_ROWS + 1
 # The most programs a split-K linear launches (the H100 has 132 SMs)
 SPLIT_PROGRAMS = {FLOAT: 128, INT8: 128, INT4: 256}
 LOCKS = 4096  # output tiles a split-K launch may have: one arrival counter each
@@ -139,7 +140,7 @@ if triton is not None:
 
     @triton.jit
     def _w_tile(w_ptr, cols, n_ok, k0, k_hi, N, stride_wn, stride_wk, FMT: tl.constexpr, GATHER: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         """The [BLOCK_K, BLOCK_N] weight tile of inputs k0.. (below k_hi), columns cols (integers for int8 / int4)."""
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < k_hi
@@ -153,6 +154,12 @@ if triton is not None:
             p = tl.load(w_ptr + (cols // 2)[None, :] * stride_wn + kk[:, None] * stride_wk,
                         mask=n_ok[None, :] & k_ok[:, None], other=0).to(tl.int32)  # fmt: skip
             w = (p << (28 - 4 * (cols % 2))[None, :]) >> 28
+        elif FMT == 1 and BLOCK_M == 1:
+            # the same addresses, written so Triton vectorizes at most 8 inputs per thread: the fp16 activations'
+            # layout, so the tile meets them without a trip through shared memory (`scripts/kernel_asm.py`)
+            k8 = (kk // 8) * 8 + kk % 8
+            w = tl.load(w_ptr + cols[None, :] * stride_wn + k8[:, None] * stride_wk,
+                        mask=n_ok[None, :] & k_ok[:, None], other=0)  # fmt: skip
         else:
             w = tl.load(w_ptr + cols[None, :] * stride_wn + kk[:, None] * stride_wk,
                         mask=n_ok[None, :] & k_ok[:, None], other=0)  # fmt: skip
@@ -172,7 +179,15 @@ if triton is not None:
             b = tl.load(beta_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
         if FMT == 2:
             pre = tl.load(pre_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            if BLOCK_M < 16:  # each input's own group scale, so a slab may span groups
+            if BLOCK_M < 16 and BLOCK_K >= GROUP:  # a slab spans whole groups: one load per group
+                GROUPS: tl.constexpr = BLOCK_K // GROUP
+                gi = k0 // GROUP + tl.arange(0, GROUPS)
+                s = tl.load(s_ptr + cols[None, :] * stride_sn + gi[:, None],
+                            mask=n_ok[None, :] & (gi * GROUP < k_hi)[:, None], other=0.0).to(tl.float32)  # fmt: skip
+                gs = tl.reshape(
+                    tl.broadcast_to(s[:, None, :], (GROUPS, GROUP, s.shape[1])), (BLOCK_K, s.shape[1])
+                )
+            elif BLOCK_M < 16:  # each input's own group scale, so a slab may span groups
                 gs = tl.load(s_ptr + cols[None, :] * stride_sn + (kk // GROUP)[:, None],
                              mask=n_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
         return g, b, pre, gs
@@ -225,7 +240,9 @@ if triton is not None:
         if BLOCK_M < 16:  # register dot products
             if FMT == 1:
                 channel = tl.load(s_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)
-            w = _w_tile(w_ptr, cols, n_ok, k_lo, k_hi, N, stride_wn, stride_wk, FMT, GATHER, BLOCK_N, BLOCK_K)
+            w = _w_tile(
+                w_ptr, cols, n_ok, k_lo, k_hi, N, stride_wn, stride_wk, FMT, GATHER, BLOCK_M, BLOCK_N, BLOCK_K
+            )
             g, b, pre, gs = _slab_consts(s_ptr, pre_ptr, g_ptr, beta_ptr, cols, n_ok, k_lo, k_hi, stride_sn, FMT,
                                          GROUP, HAS_LN, BLOCK_M, BLOCK_K)  # fmt: skip
             k_first = k_lo + BLOCK_K
@@ -238,7 +255,9 @@ if triton is not None:
             acc = _slab(x_rows, w, g, b, pre, gs, s_ptr, m_ok, cols, n_ok, k_lo, k_hi, mean, rstd, stride_sn, FMT,
                         GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_K)  # fmt: skip
         for k0 in range(k_first, k_hi, BLOCK_K):
-            w = _w_tile(w_ptr, cols, n_ok, k0, k_hi, N, stride_wn, stride_wk, FMT, GATHER, BLOCK_N, BLOCK_K)
+            w = _w_tile(
+                w_ptr, cols, n_ok, k0, k_hi, N, stride_wn, stride_wk, FMT, GATHER, BLOCK_M, BLOCK_N, BLOCK_K
+            )
             g, b, pre, gs = _slab_consts(s_ptr, pre_ptr, g_ptr, beta_ptr, cols, n_ok, k0, k_hi, stride_sn, FMT,
                                          GROUP, HAS_LN, BLOCK_M, BLOCK_K)  # fmt: skip
             acc += _slab(x_rows, w, g, b, pre, gs, s_ptr, m_ok, cols, n_ok, k0, k_hi, mean, rstd, stride_sn, FMT,
@@ -440,13 +459,15 @@ def _stats_block(bm: int, bk: int, k: int) -> int:
 def _tiles(w: Weights, n: int, k: int, bm: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, warps): the fastest measured on the H100 (`scripts/bench_kernels.py --sweep`).
 
-    One row reads narrow tiles of the whole K (int8 and int4: 2048 of it, unmeasured at 4096), so that each
-    program's weights arrive in one or two trips; the 16-row tiles were swept at one row, before one row had
-    its own path. (Float tiles of 16 columns time faster alone on the H200, QKV 4.3 -> 3.8 us, but the step's
-    graph 0.471 -> 0.530 ms.)"""
+    One row reads narrow tiles of the whole K (int4: 2048 of it, unmeasured at 4096), so that each program's
+    weights arrive in one or two trips; the 16-row tiles were swept at one row, before one row had its own
+    path. (Float tiles of 16 columns time faster alone on the H200, QKV 4.3 -> 3.8 us, but the step's graph
+    0.471 -> 0.530 ms.)"""
     if bm < 16:  # register dot products: the one-row tile's registers, spread over the rows
-        if k > 1024:  # fp16 FFN output: its whole K of 4096 in one slab, 4.4-5.1 -> 3.5 us on the H200
-            return 4, (min(triton.next_power_of_2(k), 4096) if w.fmt == FLOAT else 2048) // bm, 8
+        if k > 1024:  # FFN output: its whole K of 4096 in one slab, on the H200 fp16 4.4-5.1 -> 3.5 us and
+            # int8 4.8 -> 3.1 (one row; int8's two rows keep 2048, unmeasured at 4096)
+            whole = w.fmt == FLOAT or (w.fmt == INT8 and bm == 1)
+            return 4, (min(triton.next_power_of_2(k), 4096) if whole else 2048) // bm, 8
         return (8 if w.fmt == INT4 else 4), 1024 // bm, 4
     if w.fmt == INT4:
         return 32, min(64, w.group), 4
@@ -654,7 +675,8 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
     block_n = block_n or (256 if float_tiles else 128)
     bm = max(16, _block_m(m))  # one-row register dot products measured 3-5x slower over these wide tiles
     block_k = _cap_k(bm, block_n, block_k or (128 if w.fmt != INT4 else min(64, w.group)), x.element_size())
-    num_warps = num_warps or (8 if float_tiles else 4)
+    # int8 over a shortlist: 8 warps, 35 -> 28 us at one row on the H200 (over the whole vocabulary 4 stay faster)
+    num_warps = num_warps or (8 if float_tiles or (w.fmt == INT8 and shortlist is not None) else 4)
     tiles = triton.cdiv(vocab, block_n)
     pmax = torch.empty(m, tiles, dtype=torch.float32, device=x.device)
     psum = torch.empty_like(pmax)
