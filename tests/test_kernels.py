@@ -212,6 +212,45 @@ def test_fused_qkv_stores_k_and_v_in_the_cache(rows, kernel_device):
             assert not flat_pool[others.to(kernel_device)].any()
 
 
+def test_row_variants_launch_every_variant_that_any_row_count_does(monkeypatch):
+    """The engine's warm-up runs the encoder at `fused.row_variants` lengths, so that no request waits for
+    Triton to compile: at mBART-large's encoder shapes, in every format, those lengths must launch every
+    variant (compile-time constants, warps, and Triton's specialization of integers equal to 1 or multiples
+    of 16) that the row counts up to the kernels' limit launch. The kernel is replaced by a recorder."""
+    from serve.runtime import fused
+
+    launched = set()
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                ints = tuple((a == 1, a % 16 == 0) for a in args if type(a) is int)
+                launched.add((ints, tuple(sorted(kw.items()))))
+
+            return launch
+
+    monkeypatch.setattr(fused, "_linear_kernel", Recorder())
+    norm = torch.nn.LayerNorm(1024, dtype=torch.float16)
+    layers = [(3072, 1024, dict(norm=norm)), (1024, 1024, dict(residual=True)),
+              (4096, 1024, dict(norm=norm, act="gelu")), (1024, 4096, dict(residual=True))]  # fmt: skip
+    weights = [(random_weights(fmt, n, k, "cpu", torch.float16), n, k, kw)
+               for fmt in ("float", "int8", "int4") for n, k, kw in layers]  # fmt: skip
+
+    def variants(rows) -> set:
+        launched.clear()
+        for w, n, k, kw in weights:
+            for m in (m for m in rows if m <= fused.MAX_ROWS[w.fmt]):
+                res = torch.zeros(m, n, dtype=torch.float16) if kw.get("residual") else None
+                fused.linear_triton(torch.zeros(m, k, dtype=torch.float16), w, n, torch.zeros(n, dtype=torch.float16),
+                                    kw.get("norm"), kw.get("act"), res)  # fmt: skip
+        return set(launched)
+
+    limit = max(fused.MAX_ROWS.values())
+    every = variants(range(1, limit + 1))
+    assert len(every) > 20
+    assert variants(fused.row_variants(limit)) == every
+
+
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
 def test_split_k_matches_reference_and_resets_its_locks(fmt, kernel_device):
     """K split into slabs (the last one short, or empty) gives the one-slab result, every time it runs:

@@ -37,6 +37,7 @@ import torch
 from serve.engine.errors import RequestFailed, RequestTooLarge
 from serve.engine.request import GenerationRequest, GenerationResult, SamplingParams
 from serve.engine.search import Hypotheses
+from serve.runtime import fused
 from serve.runtime.decode_step import HOST_TOKEN, DecodeRunner, LaunchedStep
 from serve.runtime.kv_cache import KVPool
 from serve.runtime.model import Decoder, Encoder, EncoderBatch
@@ -153,12 +154,13 @@ class Engine:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile every kernel variant a request can meet before the first one arrives (on CUDA):
-        each bucket's decode graph, and the encoder at lengths that reach each row-tile size of the
-        fused kernels with and without a multiple of 16 rows (Triton specializes on that)."""
+        each bucket's decode graph, and the encoder at the lengths that reach every variant of the
+        fused linears (`fused.row_variants`)."""
         self.runner.capture_graphs()
         if self.device.type != "cuda":
             return
-        for n in sorted({min(n, self.max_positions) for n in (1, 3, 16, 17, 32, 33, 64)}):
+        longest = min(max(fused.MAX_ROWS.values()), self.max_positions, self.config.max_num_tokens)
+        for n in fused.row_variants(longest):
             ids = upload([self.eos_id] * n, self.device)
             self.encoder(EncoderBatch(ids, upload(list(range(n)), self.device), [n]))
 

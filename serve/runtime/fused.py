@@ -450,6 +450,21 @@ def _block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
+def row_variants(max_rows: int) -> list[int]:
+    """The fewest row counts up to `max_rows` that launch every variant of a layer's `linear_triton` that the
+    row count selects: the row block, the number of row tiles (split-K follows it), the norm inside or first,
+    and Triton's own specializations of one row and of multiples of 16. Triton compiles each variant at its
+    first launch, a stall of about half a second on the H200 for whichever request meets it first."""
+    seen, rows = set(), []
+    for m in range(1, max_rows + 1):
+        bm = _block_m(m)
+        key = (bm, -(-m // bm), m < NORM_FIRST_ROWS, m == 1, m % 16 == 0)
+        if key not in seen:
+            seen.add(key)
+            rows.append(m)
+    return rows
+
+
 def _stats_block(bm: int, bk: int, k: int) -> int:
     """Width of the LayerNorm statistics' loads: a single row's whole width (one load per pass, up to
     8192), else BLOCK_K."""
