@@ -230,12 +230,9 @@ def checkpoint(variant: str, hf_dir: Path, work: Path, tp_size: int, args: argpa
     quantized here at `tp_size` ranks unless it names a directory."""
     name, _, path = variant.partition("=")
     name, *flags = name.split("+")
-    ckpt = (
-        Path(path)
-        if path not in ("", "rtn")
-        else work / f"{variant.replace('=', '-').replace('+', '-')}-tp{tp_size}"
-    )
+    ckpt = work / f"{variant.replace('=', '-').replace('+', '-')}-tp{tp_size}"
     if path not in ("", "rtn"):
+        ckpt = Path(path)
         ranks = json.loads((ckpt / "decoder" / "config.json").read_text())["mapping"]["tp_size"]
         if ranks != tp_size:
             raise ValueError(
@@ -243,7 +240,7 @@ def checkpoint(variant: str, hf_dir: Path, work: Path, tp_size: int, args: argpa
             )
     elif not path:
         convert_checkpoint(str(hf_dir), ckpt, tp_size, name, progress=False)
-    elif path == "rtn":  # weight-only RTN from the fp16 checkpoint (ModelOpt may be absent here)
+    else:  # =rtn: weight-only RTN from the fp16 checkpoint (ModelOpt may be absent here)
         from calib.rtn import quantize_checkpoint_rtn
 
         src = work / f"float16-src-tp{tp_size}"
@@ -389,14 +386,13 @@ def main() -> None:
     for variant in args.variants.split(",") if args.tp_size == 1 else []:
         try:
             ckpt, flags, dtype, size = checkpoint(variant, hf_dir, work, 1, args)
-            vocab = json.loads((ckpt / "decoder" / "config.json").read_text())["vocab_size"]
             tr = Translator.load(ckpt, device=device, dtype=dtype, max_batch_size=max(levels),
                                  compile="compile" in flags, shortlist="shortlist" in flags,
                                  look_ahead="no_look_ahead" not in flags)  # fmt: skip
             tr.engine.warm_up()
             items = workload(tr.tokenizer, n_items)
             step = step_time_batch1(tr, items[0], args.new_tokens)
-            share = (size + len(items[0][0])) / vocab if "shortlist" in flags else 1.0
+            share = (size + len(items[0][0])) / tr.decoder.cfg.vocab_size if "shortlist" in flags else 1.0
             step_bytes = decoder_step_bytes(tr.decoder, share)
             c = {"step_ms_batch1": step * 1e3, "graph_ms_batch1": graph_replay_ms(tr), "weight_bytes_per_step": step_bytes,
                  "floor_ms": step_bytes / bandwidth * 1e3, "levels": {}}  # fmt: skip
