@@ -1,8 +1,10 @@
 """Decode-shape kernels at mBART-large-50 sizes: the fused Triton linear / lm_head top-K against the
 unfused PyTorch composition they replace, and paged attention, timed as CUDA-graph replays (as the
-decode step runs them) over rotating weight copies (so weights come from HBM, not L2). GPU only.
+decode step runs them) over rotating weight copies (so weights come from HBM, not L2); and, with
+`--shapes chain`, what a launch costs in a chain of dependent ones. GPU only.
 
     python scripts/bench_kernels.py --out out/kernels
+    python scripts/bench_kernels.py --rows 1 --shapes chain --out out/chain
 """
 
 from __future__ import annotations
@@ -76,6 +78,48 @@ def attention(m: int, ctx: int, chunks: list[int], block: int = 16) -> list[dict
         out.append({"rows": m, "shape": f"attention, context {ctx}", "fmt": "fp16", "us": us,
                     "impl": f"triton chunk={chunk}{name}", "GBps": kv_bytes / us / 1e3})  # fmt: skip
     return out
+
+
+def chain(args: argparse.Namespace, length: int = 72) -> list[dict]:
+    """What a dependent one-row launch costs: `length` linears, each taking the previous one's output as a
+    decode step does, SHAPES in turn, timed per launch. Their weights are read from HBM (a copy each) or,
+    all launches sharing one copy per shape, from L2, which leaves the chain's latency; then without
+    programmatic dependent launch, without the norm, bias and activation or with the norm only, and as
+    128 x 128 layers (a few programs: the launch and the wait alone)."""
+    results = []
+    norm = torch.nn.LayerNorm(HIDDEN, device="cuda", dtype=torch.float16)
+    for fmt in args.formats.split(","):
+        layers = [(n, k, dict(norm=norm if ln else None, act=act,
+                              bias=torch.randn(n, device="cuda", dtype=torch.float16) if has_bias else None))
+                  for n, k, ln, has_bias, act, _ in SHAPES.values()]  # fmt: skip
+        shared = [weights(fmt, n, k) for n, k, _ in layers]
+        own = [weights(fmt, n, k) for _ in range(length // len(layers)) for n, k, _ in layers]
+        x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.float16)
+
+        def run(ws: list, layers: list, x: torch.Tensor = x) -> None:
+            h = x
+            for i, w in enumerate(ws):
+                n, k, kw = layers[i % len(layers)]
+                h = fused.linear_triton(h[:, :k], w, n, **kw)  # K <= the previous layer's N
+
+        reps = length // len(layers)
+        plain = [(n, k, {}) for n, k, _ in layers]
+        norm_only = [(n, k, {"norm": kw["norm"]}) for n, k, kw in layers]
+        tiny = [(128, 128, {})] * len(layers)
+        cases = [("same weights (L2)", shared * reps, True, layers), ("own weights (HBM)", own, True, layers),
+                 ("own weights (HBM), no PDL", own, False, layers),
+                 ("same weights (L2), no norm, bias or activation", shared * reps, True, plain),
+                 ("same weights (L2), norm only", shared * reps, True, norm_only),
+                 ("128 x 128 layers, no norm, bias or activation", [weights(fmt, 128, 128)] * len(own), True, tiny)]  # fmt: skip
+        for name, ws, pdl, shapes in cases:
+            kernels.PDL = pdl
+            try:
+                us = graph_us([partial(run, ws, shapes)]) / len(ws)
+            finally:
+                kernels.PDL = True
+            results.append({"rows": 1, "shape": f"chain of {len(ws)} linears", "fmt": fmt, "impl": name, "us": us,
+                            "GBps": sum(nbytes(w) for w in ws) / len(ws) / us / 1e3})  # fmt: skip
+    return results
 
 
 def graph_us(calls: list, reps: int = 20) -> float:
@@ -187,7 +231,8 @@ def main() -> None:
         "--topk", default="1,8", help="K of the lm_head top-K timings (1: greedy steps, 8: beams)"
     )
     ap.add_argument("--formats", default="fp16,int8,int4", help="weight formats to time")
-    ap.add_argument("--shapes", default=",".join([*SHAPES, "lm_head", "attention"]), help="kernels to time")
+    ap.add_argument("--shapes", default=",".join([*SHAPES, "lm_head", "attention"]),
+                    help="kernels to time (also: chain, a chain of dependent one-row linears)")  # fmt: skip
     ap.add_argument("--shortlist", type=int, default=32000, help="tokens of the shortlisted lm_head case")
     ap.add_argument("--split-k", default="auto",
                     help="K slabs to time for each linear, e.g. auto,1,2,4 (auto: the runtime's own choice)")  # fmt: skip
@@ -203,6 +248,8 @@ def main() -> None:
         if "attention" in shapes:
             for ctx in (int(c) for c in args.contexts.split(",")):
                 results += attention(m, ctx, [int(c) for c in args.chunks.split(",")])
+    if "chain" in shapes:
+        results += chain(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(results, indent=2) + "\n")
     print(
