@@ -4,7 +4,7 @@ GPU time is scarce, and some costs can be read off the compiled kernel: a layout
 round trip through shared memory with barriers, and a load's width says how many trips a tile takes.
 This calls `fused.linear_triton` with CPU tensors of a decoder layer's shape, as the runtime would
 (the same tiles, split-K and specialization), but compiles for --arch instead of launching, and
-prints per format the layout conversions, barriers and global loads of the result.
+prints per format the layout conversions, barriers, global loads, registers and spills of the result.
 
     python scripts/kernel_asm.py --shapes dense,"cross q" --formats fp16,int8 --rows 1
     python scripts/kernel_asm.py --shapes fc --formats int4 --out /tmp/asm  # + JSON, .ttgir and .ptx
@@ -17,7 +17,9 @@ import contextlib
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -76,13 +78,30 @@ def compiling_for(arch: int, compiled: list):
 
 
 def summary(kernel) -> dict:
-    """Counts in the compiled kernel that cost latency: layout conversions, barriers, global loads by width."""
+    """Counts in the compiled kernel that cost latency: layout conversions, barriers, global loads by width,
+    and registers per thread and spilled (local) bytes, from the cubin (Triton's bundled `cuobjdump`)."""
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     return {
         "layout conversions": ttgir.count("ttg.convert_layout"),
         "barriers": len(re.findall(r"\bbar\.sync\b", ptx)),
         "global loads": dict(Counter(re.findall(r"ld\.global[\w.]*", ptx))),
+        **resources(kernel.asm["cubin"]),
     }
+
+
+def resources(cubin: bytes) -> dict:
+    """Registers per thread and local (spilled) bytes of the cubin's kernel."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    usage = dict(re.findall(r"(REG|LOCAL):(\d+)", out))
+    return {"registers": int(usage["REG"]), "spilled bytes": int(usage["LOCAL"])}
 
 
 def main() -> None:
@@ -95,7 +114,8 @@ def main() -> None:
         "--out", type=Path, help="also write kernel_asm.json and each kernel's .ttgir and .ptx here"
     )
     args = ap.parse_args()
-    print("| shape | fmt | layout conversions | barriers | global loads |\n|---|---|---|---|---|")
+    print("| shape | fmt | layout conversions | barriers | global loads | registers | spilled bytes |")
+    print("|---|---|---|---|---|---|---|")
     results = []
     for name in args.shapes.split(","):
         n, k, ln, has_bias, act, has_res = SHAPES[name]
@@ -113,7 +133,10 @@ def main() -> None:
             s = summary(compiled[0])
             results.append({"shape": name, "fmt": fmt, "rows": args.rows, "arch": args.arch, **s})
             loads = ", ".join(f"{v} {op}" for op, v in sorted(s["global loads"].items()))
-            print(f"| {name} | {fmt} | {s['layout conversions']} | {s['barriers']} | {loads} |")
+            print(
+                f"| {name} | {fmt} | {s['layout conversions']} | {s['barriers']} | {loads} | {s['registers']} "
+                f"| {s['spilled bytes']} |"
+            )
             if args.out:
                 args.out.mkdir(parents=True, exist_ok=True)
                 stem = f"{name.replace(' ', '_')}-{fmt}-{args.rows}rows"

@@ -86,7 +86,8 @@ def test_profile_smoke_splits_the_loop_and_idle_gaps_go_to_the_host_phase(tmp_pa
 
 def test_kernel_asm_compiles_the_runtimes_one_row_linear_for_hopper_without_a_gpu(tmp_path):
     """The attention output projection at one row, as `fused.linear_triton` would launch it, compiled for
-    sm_90: its report counts what the compiled kernel does, and the PTX it wrote is Hopper's."""
+    sm_90: its report counts what the compiled kernel does and the registers it takes, and the PTX it wrote
+    is Hopper's."""
     pytest.importorskip("triton")
     run(
         ["scripts/kernel_asm.py", "--shapes", "dense", "--formats", "fp16,int8", "--out", str(tmp_path)],
@@ -99,5 +100,6 @@ def test_kernel_asm_compiles_the_runtimes_one_row_linear_for_hopper_without_a_gp
     ]
     for r in report:
         assert r["global loads"] and r["barriers"] > 0 and r["layout conversions"] >= 0
+        assert 0 < r["registers"] <= 255 and r["spilled bytes"] >= 0  # read from the cubin
         ptx = (tmp_path / f"dense-{r['fmt']}-1rows.ptx").read_text()
         assert ".target sm_90" in ptx and "griddepcontrol.wait" in ptx  # compiled with PDL's wait
