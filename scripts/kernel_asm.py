@@ -5,8 +5,10 @@ round trip through shared memory with barriers, and a load's width says how many
 This calls `fused.linear_triton` with CPU tensors of a decoder layer's shape, as the runtime would
 (the same tiles, split-K and specialization), but compiles for --arch instead of launching, and
 prints per format the layout conversions, barriers, global loads, registers and spills of the result.
+It also catches what Triton's interpreter cannot: code that runs there but does not compile for the
+GPU (the CPU tests compile every row variant of two shapes with it).
 
-    python scripts/kernel_asm.py --shapes dense,"cross q" --formats fp16,int8 --rows 1
+    python scripts/kernel_asm.py --shapes dense,"cross q" --formats fp16,int8 --rows 1,2
     python scripts/kernel_asm.py --shapes fc --formats int4 --out /tmp/asm  # + JSON, .ttgir and .ptx
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -109,37 +112,37 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"decoder linears, of {', '.join(SHAPES)}")
     ap.add_argument("--formats", default="fp16,int8,int4")
-    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--rows", default="1", help="row counts, e.g. 1,2,20 (each picks its own kernel variant)")
     ap.add_argument(
         "--out", type=Path, help="also write kernel_asm.json and each kernel's .ttgir and .ptx here"
     )
     args = ap.parse_args()
-    print("| shape | fmt | layout conversions | barriers | global loads | registers | spilled bytes |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | fmt | rows | layout conversions | barriers | global loads | registers | spilled bytes |")
+    print("|---|---|---|---|---|---|---|---|")
     results = []
-    for name in args.shapes.split(","):
+    for name, rows in itertools.product(args.shapes.split(","), (int(r) for r in args.rows.split(","))):
         n, k, ln, has_bias, act, has_res = SHAPES[name]
-        x = torch.randn(args.rows, k, dtype=torch.float16)
+        x = torch.randn(rows, k, dtype=torch.float16)
         kw = dict(
             bias=torch.zeros(n, dtype=torch.float16) if has_bias else None,
             norm=torch.nn.LayerNorm(k, dtype=torch.float16) if ln else None,
             act=act,
-            residual=torch.zeros(args.rows, n, dtype=torch.float16) if has_res else None,
+            residual=torch.zeros(rows, n, dtype=torch.float16) if has_res else None,
         )
         for fmt in args.formats.split(","):
             compiled: list = []
             with compiling_for(args.arch, compiled):
                 fused.linear_triton(x, weights(fmt, n, k, "cpu"), n, **kw)
             s = summary(compiled[0])
-            results.append({"shape": name, "fmt": fmt, "rows": args.rows, "arch": args.arch, **s})
+            results.append({"shape": name, "fmt": fmt, "rows": rows, "arch": args.arch, **s})
             loads = ", ".join(f"{v} {op}" for op, v in sorted(s["global loads"].items()))
             print(
-                f"| {name} | {fmt} | {s['layout conversions']} | {s['barriers']} | {loads} | {s['registers']} "
-                f"| {s['spilled bytes']} |"
+                f"| {name} | {fmt} | {rows} | {s['layout conversions']} | {s['barriers']} | {loads} | "
+                f"{s['registers']} | {s['spilled bytes']} |"
             )
             if args.out:
                 args.out.mkdir(parents=True, exist_ok=True)
-                stem = f"{name.replace(' ', '_')}-{fmt}-{args.rows}rows"
+                stem = f"{name.replace(' ', '_')}-{fmt}-{rows}rows"
                 for ext in ("ttgir", "ptx"):
                     (args.out / f"{stem}.{ext}").write_text(compiled[0].asm[ext])
     if args.out:

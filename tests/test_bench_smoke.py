@@ -84,22 +84,26 @@ def test_profile_smoke_splits_the_loop_and_idle_gaps_go_to_the_host_phase(tmp_pa
     assert abs(t["device_busy_ms"] - 0.32) < 1e-9 and t["span_ms"] == 1.4
 
 
-def test_kernel_asm_compiles_the_runtimes_one_row_linear_for_hopper_without_a_gpu(tmp_path):
-    """The attention output projection at one row, as `fused.linear_triton` would launch it, compiled for
-    sm_90: its report counts what the compiled kernel does and the registers it takes, and the PTX it wrote
-    is Hopper's."""
+def test_kernel_asm_compiles_every_row_variant_of_the_runtimes_linears_for_hopper_without_a_gpu(tmp_path):
+    """A linear with a LayerNorm (QKV) and one without (the attention output), in every format, at one and
+    two rows (register dot products) and at 20 (tl.dot tiles), compiled for sm_90 as `fused.linear_triton`
+    would launch them: code that Triton's interpreter runs can still fail to compile for the GPU. Each
+    report counts what the kernel does and the registers it takes, and the PTX is Hopper's."""
     pytest.importorskip("triton")
     run(
-        ["scripts/kernel_asm.py", "--shapes", "dense", "--formats", "fp16,int8", "--out", str(tmp_path)],
+        ["scripts/kernel_asm.py", "--shapes", "dense,qkv", "--formats", "fp16,int8,int4", "--rows", "1,2,20",
+         "--out", str(tmp_path)],
         tmp_path,
-    )
+    )  # fmt: skip
     report = json.loads((tmp_path / "kernel_asm.json").read_text())
-    assert [(r["shape"], r["fmt"], r["arch"]) for r in report] == [
-        ("dense", "fp16", 90),
-        ("dense", "int8", 90),
-    ]
+    assert sorted((r["shape"], r["fmt"], r["rows"], r["arch"]) for r in report) == sorted(
+        (shape, fmt, rows, 90)
+        for shape in ("dense", "qkv")
+        for fmt in ("fp16", "int8", "int4")
+        for rows in (1, 2, 20)
+    )
     for r in report:
         assert r["global loads"] and r["barriers"] > 0 and r["layout conversions"] >= 0
         assert 0 < r["registers"] <= 255 and r["spilled bytes"] >= 0  # read from the cubin
-        ptx = (tmp_path / f"dense-{r['fmt']}-1rows.ptx").read_text()
+        ptx = (tmp_path / f"{r['shape']}-{r['fmt']}-{r['rows']}rows.ptx").read_text()
         assert ".target sm_90" in ptx and "griddepcontrol.wait" in ptx  # compiled with PDL's wait
