@@ -92,8 +92,9 @@ def chain(args: argparse.Namespace, length: int = 72) -> list[dict]:
         layers = [(n, k, dict(norm=norm if ln else None, act=act,
                               bias=torch.randn(n, device="cuda", dtype=torch.float16) if has_bias else None))
                   for n, k, ln, has_bias, act, _ in SHAPES.values()]  # fmt: skip
+        reps = length // len(layers)
         shared = [weights(fmt, n, k) for n, k, _ in layers]
-        own = [weights(fmt, n, k) for _ in range(length // len(layers)) for n, k, _ in layers]
+        own = [weights(fmt, n, k) for _ in range(reps) for n, k, _ in layers]
         x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.float16)
 
         def run(ws: list, layers: list, x: torch.Tensor = x) -> None:
@@ -102,7 +103,6 @@ def chain(args: argparse.Namespace, length: int = 72) -> list[dict]:
                 n, k, kw = layers[i % len(layers)]
                 h = fused.linear_triton(h[:, :k], w, n, **kw)  # K <= the previous layer's N
 
-        reps = length // len(layers)
         plain = [(n, k, {}) for n, k, _ in layers]
         norm_only = [(n, k, {"norm": kw["norm"]}) for n, k, kw in layers]
         tiny = [(128, 128, {})] * len(layers)
@@ -112,11 +112,11 @@ def chain(args: argparse.Namespace, length: int = 72) -> list[dict]:
                  ("same weights (L2), norm only", shared * reps, True, norm_only),
                  ("128 x 128 layers, no norm, bias or activation", [weights(fmt, 128, 128)] * len(own), True, tiny)]  # fmt: skip
         for name, ws, pdl, shapes in cases:
-            kernels.PDL = pdl
+            saved, kernels.PDL = kernels.PDL, pdl
             try:
                 us = graph_us([partial(run, ws, shapes)]) / len(ws)
             finally:
-                kernels.PDL = True
+                kernels.PDL = saved
             results.append({"rows": 1, "shape": f"chain of {len(ws)} linears", "fmt": fmt, "impl": name, "us": us,
                             "GBps": sum(nbytes(w) for w in ws) / len(ws) / us / 1e3})  # fmt: skip
     return results
