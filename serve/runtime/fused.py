@@ -193,11 +193,12 @@ if triton is not None:
         return g, b, pre, gs
 
     @triton.jit
-    def _dequantized(w, gs, FMT: tl.constexpr):
-        """A register-path weight tile in fp32 (int4's times its group scales gs)."""
+    def _dequantized(w, gs, pre, FMT: tl.constexpr):
+        """A register-path weight tile in fp32; int4's times its group scales gs and, per input, the AWQ input
+        scales pre, which the tl.dot path applies to x instead."""
         w = w.to(tl.float32)
         if FMT == 2:
-            w *= gs
+            w *= gs * pre[:, None]
         return w
 
     @triton.jit
@@ -213,12 +214,12 @@ if triton is not None:
             a = ((a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]).to(
                 x_rows.dtype.element_ty
             )
-        if FMT == 2:
+        if FMT == 2 and BLOCK_M >= 16:
             a = (a.to(tl.float32) * pre[None, :]).to(x_rows.dtype.element_ty)
         if BLOCK_M < 16:  # a dot product per row and column in registers (tl.dot takes 16 rows)
             wf = w
             if not READY:
-                wf = _dequantized(w, gs, FMT)
+                wf = _dequantized(w, gs, pre, FMT)
             if BLOCK_M == 1:
                 return tl.sum(tl.trans(a).to(tl.float32) * wf, axis=0, keep_dims=True)
             return tl.sum(a.to(tl.float32)[:, :, None] * wf[None, :, :], axis=1)
@@ -257,7 +258,7 @@ if triton is not None:
                                          GROUP, HAS_LN, BLOCK_M, BLOCK_K)  # fmt: skip
             w0 = w
             if FMT == 2:
-                w0 = _dequantized(w, gs, FMT)
+                w0 = _dequantized(w, gs, pre, FMT)
             k_first = k_lo + BLOCK_K
         pdl_wait(PDL)
         mean = tl.zeros((BLOCK_M,), tl.float32)
@@ -494,7 +495,7 @@ def _tiles(w: Weights, n: int, k: int, bm: int) -> tuple[int, int, int]:
     if bm < 16:  # register dot products: the one-row tile's registers, spread over the rows
         if k > 1024:  # FFN output: its whole K of 4096 in one slab, on the H200 fp16 4.4-5.1 -> 3.5 us and
             # int8 4.8 -> 3.1 (one row; int8's two rows keep 2048, unmeasured at 4096)
-            whole = w.fmt == FLOAT or (w.fmt == INT8 and bm == 1)
+            whole = w.fmt == FLOAT or bm == 1
             return 4, (min(triton.next_power_of_2(k), 4096) if whole else 2048) // bm, 8
         return (8 if w.fmt == INT4 else 4), 1024 // bm, 4
     if w.fmt == INT4:
