@@ -7,9 +7,11 @@ import asyncio
 import pytest
 
 from serve.engine.async_engine import PytorchBackend
+from serve.engine.errors import NotAccepting
 from serve.engine.request import GenerationRequest, SamplingParams
 from serve.runtime import tp
 from serve.runtime.translator import Translator
+from serve.tokenizer import TranslationTokenizer
 from tests.conftest import real_sentences
 
 
@@ -47,4 +49,29 @@ def test_tp_token_identical_to_tp1(tiny_ckpt_factory, tp_size):
 
     got = asyncio.run(run())
     assert [r.token_ids for r in got] == expected
+    assert tp.world_size() == 1
+
+
+def test_dead_rank_fails_requests_instead_of_hanging(tiny_ckpt_factory):
+    """A worker that dies leaves rank 0 unable to step: requests get a 503-class error, not a hang."""
+    ckpt = tiny_ckpt_factory(2, "float32")
+    backend = PytorchBackend(ckpt, device="cpu", tp_size=2)
+    tok = TranslationTokenizer(ckpt)
+    enc = tok.encode([real_sentences("de", 1)[0]], tok.language("de"))[0]
+
+    def request(i: int) -> GenerationRequest:
+        return GenerationRequest(f"r{i}", enc, tok.decoder_prefix(tok.language("en")), SamplingParams())
+
+    async def run():
+        backend.start()
+        try:
+            backend._workers[0].kill()
+            backend._workers[0].join()
+            for i in range(2):  # the one that finds the rank gone, then one refused at the door
+                with pytest.raises(NotAccepting, match="tensor-parallel rank exited"):
+                    await asyncio.wait_for(backend.generate(request(i)), 60)
+        finally:
+            await asyncio.wait_for(backend.shutdown(), 60)
+
+    asyncio.run(run())
     assert tp.world_size() == 1

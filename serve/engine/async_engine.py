@@ -6,19 +6,25 @@ awaiting task (client disconnect) sends an abort that frees the request's KV blo
 
 With `tp_size > 1` the other ranks run in worker processes that replay rank 0's inbox events
 each iteration; engines are deterministic and see identical (all-gathered) logits, so every
-rank schedules the same batch and they stay in lockstep.
+rank schedules the same batch and they stay in lockstep. The events travel over host pipes, not
+NCCL: a collective would wait for rank 0's GPU to finish the step before, so no rank could launch
+a step while the GPUs run the last one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import logging
 import os
 import queue
+import signal
 import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -33,7 +39,7 @@ from serve.runtime.load import load_model
 from serve.runtime.shortlist import VocabShortlist
 
 log = logging.getLogger(__name__)
-IDLE_TICK_S = 0.5  # how often an idle loop wakes (TP ranks exchange a heartbeat)
+IDLE_TICK_S = 0.5  # how often an idle loop wakes
 
 
 @dataclass
@@ -55,6 +61,10 @@ class BackendSettings:
 def build_engine(ckpt_dir: Path, s: BackendSettings, eos_id: int, device: torch.device) -> Engine:
     """Load this rank's weights and size the KV pool (a fraction of free GPU memory on CUDA)."""
     encoder, decoder = load_model(ckpt_dir, device, s.dtype)
+    if tp.use_peer_all_reduce(decoder.cfg.dtype, device) and tp.rank() == 0:
+        log.info(
+            "TP sums of up to %d bytes go through peer memory (one-shot), larger ones NCCL", tp.PEER_MAX_BYTES
+        )
     cfg = EngineConfig(
         max_batch_size=s.max_batch_size,
         max_num_tokens=s.max_num_tokens,
@@ -69,7 +79,8 @@ def build_engine(ckpt_dir: Path, s: BackendSettings, eos_id: int, device: torch.
         useful = Engine.max_useful_blocks(
             cfg, min(encoder.cfg.max_position_embeddings, d.max_position_embeddings)
         )
-        cfg.num_kv_blocks = max(1, min(budget, useful))
+        # every rank must admit the same requests, so all take the smallest GPU's pool
+        cfg.num_kv_blocks = tp.min_over_ranks(max(1, min(budget, useful)), device)
     shortlist = VocabShortlist.load(ckpt_dir, decoder.cfg.vocab_size, device) if s.shortlist else None
     engine = Engine(encoder, decoder, cfg, eos_id=eos_id, device=device, shortlist=shortlist)
     engine.warm_up()  # every rank, in the same order: graphs hold the TP collectives
@@ -95,19 +106,38 @@ def _init_group(rank: int, world: int, init_file: str, device: torch.device) -> 
     )
 
 
-def _worker(rank: int, ckpt_dir: str, s: BackendSettings, eos_id: int, init_file: str) -> None:
-    """A TP rank > 0: replay rank 0's events and step in lockstep until told to stop."""
+def _worker(
+    rank: int, ckpt_dir: str, s: BackendSettings, eos_id: int, init_file: str, events: Connection
+) -> None:
+    """A TP rank > 0: apply rank 0's events and step in lockstep until told to stop (None) or rank 0 is gone."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints where a rank is stuck
     device = _device_for_rank(s, rank)
     _init_group(rank, s.tp_size, init_file, device)
     engine = build_engine(Path(ckpt_dir), s, eos_id, device)
-    while True:
-        events = tp.broadcast_object(None)
-        if events is None:
-            break
-        _apply(engine, *events)
-        if engine.has_work():
-            engine.step()
-    torch.distributed.destroy_process_group()
+    with contextlib.suppress(EOFError):
+        while (msg := events.recv()) is not None:
+            _apply(engine, *msg)
+            if engine.has_work():
+                try:
+                    engine.step()
+                except Exception:  # as rank 0 does (its step fails alike): drop what is running
+                    log.exception("engine step failed on rank %d", rank)
+                    _abort_running(engine)
+    _leave_group(engine)
+
+
+def _abort_running(engine: Engine) -> list[str]:
+    """Abort every running request (after a failed step), returning their ids."""
+    ids = list(engine.running)
+    for rid in ids:
+        engine.abort(rid)
+    return ids
+
+
+def _leave_group(engine: Engine | None) -> None:
+    if engine is not None:
+        engine.runner.release_graphs()
+    tp.leave()
 
 
 def _apply(engine: Engine, adds: list[GenerationRequest], aborts: list[str]) -> list[tuple[str, Exception]]:
@@ -139,6 +169,8 @@ class PytorchBackend(Backend):
         self._stop: str | None = None  # None | "drain" | "now"
         self._thread: threading.Thread | None = None
         self._workers: list = []
+        self._pipes: list[Connection] = []  # rank 0's end of each worker's event pipe
+        self._broken: str | None = None  # why the backend stopped serving for good (a TP rank died)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -167,13 +199,16 @@ class PytorchBackend(Backend):
         os.unlink(init_file)
         ctx = mp.get_context("spawn")
         for rank in range(1, self.settings.tp_size):
+            ours, theirs = ctx.Pipe()
             p = ctx.Process(
                 target=_worker,
-                args=(rank, str(self.ckpt_dir), self.settings, self.eos_id, init_file),
+                args=(rank, str(self.ckpt_dir), self.settings, self.eos_id, init_file, theirs),
                 daemon=True,
             )
             p.start()
+            theirs.close()  # the worker holds it now; once the worker exits, sends fail instead of blocking
             self._workers.append(p)
+            self._pipes.append(ours)
         _init_group(0, self.settings.tp_size, init_file, device)
 
     async def shutdown(self, drain: bool = True) -> None:
@@ -182,13 +217,21 @@ class PytorchBackend(Backend):
         self._inbox.put(None)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        if self._workers and torch.distributed.is_initialized():
+            # all ranks at once: a rank's NCCL teardown waits for its peers'
+            leaving = threading.Thread(target=_leave_group, args=(self.engine,), daemon=True)
+            leaving.start()
+            await asyncio.to_thread(leaving.join, 30)
         for p in self._workers:
             await asyncio.to_thread(p.join, 30)
-        if self._workers and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            if p.is_alive():
+                log.warning("TP worker %s did not exit in 30 s; killing it", p.pid)
+                p.kill()
 
     # ---- requests ---------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if self._broken:
+            raise NotAccepting(self._broken, retry_after=60.0)
         if not self._accepting or self.engine is None:
             raise NotAccepting("the engine is not accepting requests (starting up or shutting down)")
         self.engine.validate(request)
@@ -254,21 +297,36 @@ class PytorchBackend(Backend):
             pass
         return adds, aborts
 
+    def _to_workers(self, msg: tuple[list[GenerationRequest], list[str]] | None) -> bool:
+        """Send this iteration's events to the other TP ranks; False (and the backend broken) if one died."""
+        try:
+            for conn in self._pipes:
+                conn.send(msg)
+            return True
+        except OSError as e:
+            self._broken = f"a tensor-parallel rank exited ({type(e).__name__}); restart the server"
+            log.error("%s", self._broken)
+            return False
+
     def _loop(self) -> None:
         engine = self.engine
-        tp_on = self.settings.tp_size > 1
+        failed: list[str] = []  # aborted here by a failed step: the other ranks abort them too
         while True:
             adds, aborts = self._drain_inbox(block=not engine.has_work())
+            aborts, failed = aborts + failed, []
             stopping = self._stop == "now" or (self._stop == "drain" and not engine.has_work() and not adds)
-            if stopping:
+            working = adds or aborts or engine.has_work()
+            if stopping or (working and not self._to_workers((adds, aborts))):
+                self._accepting = False
+                why = self._broken or "the server is shutting down"
+                for req in adds:
+                    self._resolve(req.request_id, error=NotAccepting(why))
                 for rid in list(engine.waiting) + list(engine.running):
                     engine.abort(rid)
-                    self._resolve(rid, error=NotAccepting("the server is shutting down"))
-                if tp_on:
-                    tp.broadcast_object(None)
+                    self._resolve(rid, error=NotAccepting(why))
+                if not self._broken:
+                    self._to_workers(None)
                 return
-            if tp_on:
-                tp.broadcast_object((adds, aborts))
             for rid, err in _apply(engine, adds, aborts):
                 self._resolve(rid, error=err if isinstance(err, EngineError) else RequestFailed(str(err)))
             if not engine.has_work():
@@ -277,8 +335,8 @@ class PytorchBackend(Backend):
                 out = engine.step()
             except Exception:  # a bug outside any single request: fail what is running, keep serving
                 log.exception("engine step failed")
-                for rid in list(engine.running):
-                    engine.abort(rid)
+                failed = _abort_running(engine)
+                for rid in failed:
                     self._resolve(rid, error=RequestFailed("engine step failed"))
                 continue
             for res in out.results:

@@ -189,6 +189,12 @@ class DecodeRunner:
             for k in sorted({1, self.k}):
                 self._graph(n, k)
 
+    def release_graphs(self) -> None:
+        """Destroy the captured graphs: with TP, a process group whose collectives a live graph holds
+        cannot be destroyed (pytorch/pytorch#115388), so every rank calls this first at shutdown."""
+        self.graphs.clear()
+        self._mempool = None
+
     def _graph(self, n: int, k: int):
         if (n, k) not in self.graphs:
             static = upload(self._inputs([], [], [], [], [], n), self.device)
