@@ -184,6 +184,33 @@ def test_fused_linear_matches_reference(fmt, kernel_device):
                     assert err < tol, (m, n, k, dtype, sorted(kw), cols, err)
 
 
+def test_row_parallel_ranks_sum_to_the_whole_layer(kernel_device, monkeypatch):
+    """TP: each rank's partial of a row-parallel linear (its slice of the inputs) sums to the whole layer
+    with the bias counted once, and in the fused kernel's case the residual too (rank 0's partial carries
+    them into the all-reduce, so nothing runs after it)."""
+    from serve.runtime import fused, tp
+    from serve.runtime.layers import Linear
+
+    g = torch.Generator().manual_seed(4)
+    rows, n, k = 2, 32, 64
+    w, b = torch.randn(n, 2 * k, generator=g), torch.randn(n, generator=g)
+    x, res = torch.randn(rows, 2 * k, generator=g), torch.randn(rows, n, generator=g)
+    monkeypatch.setattr(tp, "world_size", lambda: 2)
+    monkeypatch.setattr(tp, "all_reduce", lambda y: y)  # the sum is taken here, over the ranks' outputs
+    kernel, module = 0, 0
+    for r in range(2):
+        monkeypatch.setattr(tp, "rank", lambda r=r: r)
+        layer = Linear(k, n, reduce=True).to(kernel_device)
+        layer.weight.copy_(w[:, r * k : (r + 1) * k])
+        layer.bias.copy_(b)
+        x_r, res_r = x[:, r * k : (r + 1) * k].to(kernel_device), res.to(kernel_device)
+        assert fused.usable(x_r, layer.kernel_weights())
+        kernel = kernel + fused.linear(x_r, layer, residual=res_r).cpu()
+        module = module + layer(x_r).cpu()
+    assert torch.allclose(kernel, x @ w.T + b + res, atol=1e-4)
+    assert torch.allclose(module, x @ w.T + b, atol=1e-4)
+
+
 @pytest.mark.parametrize("rows", [1, 5])
 def test_fused_qkv_stores_k_and_v_in_the_cache(rows, kernel_device):
     """A QKV projection given the cache writes its K and V thirds to each row's slot, and nothing

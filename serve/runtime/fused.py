@@ -632,7 +632,13 @@ def linear(x: torch.Tensor, layer, norm: torch.nn.LayerNorm | None = None, act: 
         if kv is not None:
             kv.store(y)
         return y
-    if layer.reduce and tp.world_size() > 1:  # the residual and bias are added once, after the sum
+    if layer.reduce and tp.world_size() > 1:
+        if act is None:  # rank 0's partial carries the bias and residual into the sum: no launches after it
+            first = tp.rank() == 0
+            y = linear_triton(
+                x, w, n, layer.bias if first else None, norm, residual=residual if first else None
+            )
+            return tp.all_reduce(y)
         y = tp.all_reduce(linear_triton(x, w, n, norm=norm))
         return _finish(y if layer.bias is None else y + layer.bias, act, residual)
     return linear_triton(x, w, n, layer.bias, norm, act, residual, kv=kv)

@@ -35,8 +35,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduce or tp.world_size() == 1:
             return self.matmul_bias(x)
-        y = tp.all_reduce(self.matmul(x))
-        return y if self.bias is None else y + self.bias
+        return tp.all_reduce(self.matmul_bias(x) if tp.rank() == 0 else self.matmul(x))  # the bias once
 
     def matmul_bias(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b, with the bias fused into the GEMM where the layer is a float one."""
