@@ -394,6 +394,38 @@ def test_shortlist_is_each_rows_subset():
         assert torch.allclose(values[i], v) and torch.equal(ids[i], own[j])
 
 
+@pytest.mark.parametrize("with_shortlist", [False, True])
+def test_topk_over_vocabulary_shards_matches_the_whole_vocabulary(with_shortlist, monkeypatch):
+    """TP: top-k log-probs merged from two ranks' lm_head shards (padded past the vocabulary, EOS
+    blocked on some rows) equal those over the whole vocabulary."""
+    from serve.runtime import fused, model, tp
+
+    vocab, k, eos = 299, 5, 3
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(5))  # 2 shards of 150
+    logits[:, eos] += 10  # EOS would win wherever it is not blocked
+    blocked = torch.tensor([1, 0, 1, 0])
+    sl = (
+        fused.Shortlist.of(random_shortlist(vocab, "cpu"), torch.tensor([0, 1, 0, 2]))
+        if with_shortlist
+        else None
+    )
+    expected = fused.topk_logprobs(logits[:, :vocab], k, eos, blocked, sl)
+    sent: dict[int, torch.Tensor] = {}
+
+    def all_gather(parts, mine):  # each rank's first call records what it sends
+        sent.setdefault(tp.rank(), mine.clone())
+        for r, part in enumerate(parts):
+            part.copy_(sent.get(r, mine))
+
+    monkeypatch.setattr(tp, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_gather", all_gather)
+    for r in (0, 1, 0):
+        monkeypatch.setattr(tp, "rank", lambda r=r: r)
+        values, ids = model.topk_over_shards(logits[:, 150 * r : 150 * (r + 1)], vocab, k, eos, blocked, sl)
+    assert torch.equal(ids, expected[1]) and torch.allclose(values, expected[0], atol=1e-6)
+    assert not (ids[blocked.bool()] == eos).any()
+
+
 @pytest.mark.parametrize("topk", [1, 8])
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
 @pytest.mark.parametrize("rows", [[0, 1, 0, 1, 0], [1, 2, 0, 1, 3]], ids=["subset", "whole-vocab"])

@@ -686,9 +686,9 @@ class Shortlist:
         ids[: len(union)] = union
         return cls(allowed, rows, ids, torch.full((1,), len(union), dtype=torch.int32, device=allowed.device))
 
-    def mask(self, vocab: int) -> torch.Tensor:
-        """bool [m, vocab]: what each query row may emit."""
-        return self.allowed[self.rows, :vocab] != 0
+    def mask(self, stop: int, start: int = 0) -> torch.Tensor:
+        """bool [m, stop - start]: which of the tokens start..stop each query row may emit."""
+        return self.allowed[self.rows, start:stop] != 0
 
 
 def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id: int, eos_blocked: torch.Tensor,
