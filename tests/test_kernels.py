@@ -187,7 +187,7 @@ def test_fused_linear_matches_reference(fmt, kernel_device):
 def test_row_parallel_ranks_sum_to_the_whole_layer(kernel_device, monkeypatch):
     """TP: each rank's partial of a row-parallel linear (its slice of the inputs) sums to the whole layer
     with the bias counted once, and in the fused kernel's case the residual too (rank 0's partial carries
-    them into the all-reduce, so nothing runs after it)."""
+    them into the all-reduce, so nothing runs after it), written where `tp.partial_out` says."""
     from serve.runtime import fused, tp
     from serve.runtime.layers import Linear
 
@@ -195,8 +195,11 @@ def test_row_parallel_ranks_sum_to_the_whole_layer(kernel_device, monkeypatch):
     rows, n, k = 2, 32, 64
     w, b = torch.randn(n, 2 * k, generator=g), torch.randn(n, generator=g)
     x, res = torch.randn(rows, 2 * k, generator=g), torch.randn(rows, n, generator=g)
+    peer = torch.full((rows * n + 8,), float("nan"), device=kernel_device)  # stands in for the peer buffer
     monkeypatch.setattr(tp, "world_size", lambda: 2)
-    monkeypatch.setattr(tp, "all_reduce", lambda y: y)  # the sum is taken here, over the ranks' outputs
+    monkeypatch.setattr(tp, "partial_out", lambda m, cols, dtype: peer[: m * cols].view(m, cols))
+    summed = []
+    monkeypatch.setattr(tp, "all_reduce", lambda y: summed.append(y.data_ptr()) or y.clone())
     kernel, module = 0, 0
     for r in range(2):
         monkeypatch.setattr(tp, "rank", lambda r=r: r)
@@ -206,6 +209,7 @@ def test_row_parallel_ranks_sum_to_the_whole_layer(kernel_device, monkeypatch):
         x_r, res_r = x[:, r * k : (r + 1) * k].to(kernel_device), res.to(kernel_device)
         assert fused.usable(x_r, layer.kernel_weights())
         kernel = kernel + fused.linear(x_r, layer, residual=res_r).cpu()
+        assert summed[-1] == peer.data_ptr()  # the kernel wrote its partial where the all-reduce reads it
         module = module + layer(x_r).cpu()
     assert torch.allclose(kernel, x @ w.T + b + res, atol=1e-4)
     assert torch.allclose(module, x @ w.T + b, atol=1e-4)

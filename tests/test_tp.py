@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from serve.engine.async_engine import PytorchBackend
 from serve.engine.errors import NotAccepting
@@ -75,3 +76,18 @@ def test_dead_rank_fails_requests_instead_of_hanging(tiny_ckpt_factory):
 
     asyncio.run(run())
     assert tp.world_size() == 1
+
+
+def test_partial_out_is_a_view_of_the_peer_buffer_in_its_dtype(monkeypatch):
+    """A float16 model's fused row-parallel kernels write float32 partials into the peer buffer (the
+    one-shot kernel takes no float16); a dtype the buffer does not serve, or too many rows, gets None."""
+
+    class Peer:
+        buffer = torch.zeros(64, dtype=torch.float32)
+
+    assert tp.partial_out(2, 8, torch.float16) is None  # no peer buffer: NCCL
+    monkeypatch.setattr(tp, "_peer", Peer())
+    view = tp.partial_out(2, 8, torch.float16)
+    assert view.shape == (2, 8) and view.dtype == torch.float32 and view.data_ptr() == Peer.buffer.data_ptr()
+    assert tp.partial_out(2, 8, torch.bfloat16) is None
+    assert tp.partial_out(9, 8, torch.float16) is None

@@ -564,13 +564,15 @@ def linear_triton(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | None
                   norm: torch.nn.LayerNorm | None = None, act: str | None = None,
                   residual: torch.Tensor | None = None, block_n: int | None = None,
                   block_k: int | None = None, num_warps: int | None = None, split_k: int | None = None,
-                  block_m: int | None = None, kv: KVOut | None = None) -> torch.Tensor:  # fmt: skip
+                  block_m: int | None = None, kv: KVOut | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """act(LN(x) W^T + bias)[:, :n] + residual in one launch (see the module docstring); with `kv`, the
-    K and V thirds of a fused QKV also go to the cache in the same launch."""
+    K and V thirds of a fused QKV also go to the cache in the same launch. `out` ([rows, n], any float
+    dtype) receives the result instead of a new tensor of x's dtype."""
     x, norm = _norm_first(x, norm, NORM_FIRST_ROWS)
     x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
     m, k = x2.shape
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     res = residual.reshape(m, n) if residual is not None else y
     bm = block_m or _block_m(m)
     bn, bk, warps = _tiles(w, n, k, bm)
@@ -635,10 +637,10 @@ def linear(x: torch.Tensor, layer, norm: torch.nn.LayerNorm | None = None, act: 
     if layer.reduce and tp.world_size() > 1:
         if act is None:  # rank 0's partial carries the bias and residual into the sum: no launches after it
             first = tp.rank() == 0
-            y = linear_triton(
-                x, w, n, layer.bias if first else None, norm, residual=residual if first else None
-            )
-            return tp.all_reduce(y)
+            out = tp.partial_out(x.numel() // x.shape[-1], n, x.dtype)
+            y = linear_triton(x, w, n, layer.bias if first else None, norm, residual=residual if first else None,
+                              out=out)  # fmt: skip
+            return tp.all_reduce(y).to(x.dtype)
         y = tp.all_reduce(linear_triton(x, w, n, norm=norm))
         return _finish(y if layer.bias is None else y + layer.bias, act, residual)
     return linear_triton(x, w, n, layer.bias, norm, act, residual, kv=kv)
