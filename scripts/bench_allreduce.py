@@ -1,10 +1,10 @@
-"""All-reduce latency at the sizes a tensor-parallel decode step sums (rows x d_model): NCCL
-against PyTorch's symmetric-memory one-shot all-reduce (`torch.ops.symm_mem`, peer-to-peer reads
-over NVLink, no multicast), each timed eagerly and as CUDA-graph replays, as the decode step runs it.
-At batch 1 a step of mBART-large at TP=2 sums 36 such tensors in sequence, so their latency, not
-bandwidth, decides whether TP=2 is faster than TP=1. Needs 2+ GPUs.
+"""All-reduce latency at the sizes a tensor-parallel decode step sums (rows x d_model): NCCL against
+the runtime's peer-memory path (`serve.runtime.tp`: PyTorch's symmetric-memory one-shot all-reduce,
+peer-to-peer reads over NVLink, no multicast), each timed eagerly and as CUDA-graph replays, as the
+decode step runs it. At batch 1 a step of mBART-large at TP=2 sums 36 such tensors in sequence, so their
+latency, not bandwidth, decides whether TP=2 can be faster than TP=1. Needs 2+ GPUs.
 
-    python scripts/bench_allreduce.py --out out/allreduce
+    python scripts/bench_allreduce.py --dtype float16 --out out/allreduce
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from serve.runtime import tp  # noqa: E402
 
 
 def _time(fn, reps: int, graph: bool) -> float:
@@ -50,69 +54,48 @@ def _time(fn, reps: int, graph: bool) -> float:
     return start.elapsed_time(end) * 1e3 / (5 * reps)
 
 
-def _methods(world: int, numel_max: int, dtype: torch.dtype) -> dict:
-    """name -> (make(x) -> a callable that returns the sum of x over ranks). Symmetric memory is left out where it fails to
-    set up (no peer access between the GPUs, or a PyTorch without it)."""
-    group = dist.group.WORLD.group_name
-    out = {"nccl": lambda x: lambda: (dist.all_reduce(x), x)[1]}
-    try:
-        import torch.distributed._symmetric_memory as symm_mem
-
-        buf = symm_mem.empty(numel_max, dtype=dtype, device="cuda")
-        symm_mem.rendezvous(buf, group)
-        ops = torch.ops.symm_mem
-
-        def one_shot(x):
-            y = torch.empty_like(x)
-            return lambda: ops.one_shot_all_reduce_copy_out(buf[: x.numel()].view_as(x), x, "sum", group, y)
-
-        out["symm one-shot"] = one_shot
-    except Exception as e:  # reported, so the table says why the column is missing
-        print(
-            f"rank {dist.get_rank()}: symmetric memory unavailable: {type(e).__name__}: {e}", file=sys.stderr
-        )
-    return out
-
-
-def _check(make, x: torch.Tensor, world: int) -> bool:
-    """The sum of every rank's (rank + 1) is world (world + 1) / 2 in every element."""
-    x.fill_(dist.get_rank() + 1)
-    got = make(x)()
-    torch.cuda.synchronize()
-    return bool((got.float() == world * (world + 1) / 2).all())
+def _cases(dtype: torch.dtype, rows: int, hidden: int) -> dict:
+    """name -> (x, a callable that returns the sum of x over ranks), for a `dtype` model's [rows, hidden]
+    partial sums: NCCL, and the runtime's peer-memory path as its fused kernels use it (x is their output
+    in the peer buffer, `tp.partial_out`; float32 for a float16 model, cast back after the sum)."""
+    x = torch.empty(rows, hidden, dtype=dtype, device="cuda")
+    cases = {"nccl": (x, lambda: (dist.all_reduce(x), x)[1])}
+    partial = tp.partial_out(rows, hidden, dtype)
+    if partial is not None:
+        cases["peer one-shot"] = (partial, lambda: tp.all_reduce(partial).to(dtype))
+    return cases
 
 
 def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             device_id=torch.device("cuda", rank))  # fmt: skip
-    rows = [int(r) for r in args.rows.split(",")]
-    dtype = getattr(torch, args.dtype)
-    methods = _methods(world, max(rows) * args.hidden, dtype)
+    dtype, device = getattr(torch, args.dtype), torch.device("cuda", rank)
+    os.environ["MT_PEER_ALL_REDUCE"] = "1"
+    peer = tp.use_peer_all_reduce(dtype, device)
     report = {"world_size": world, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "hidden": args.hidden, "dtype": args.dtype, "reps": args.reps, "us": {}, "correct": {}}  # fmt: skip
-    for name, make in methods.items():
-        for r in rows:
-            x = torch.empty(r, args.hidden, dtype=dtype, device="cuda")
+              "hidden": args.hidden, "dtype": args.dtype, "reps": args.reps, "peer": peer, "us": {}, "correct": {}}  # fmt: skip
+    for r in (int(r) for r in args.rows.split(",")):
+        for name, (x, fn) in _cases(dtype, r, args.hidden).items():
             key = f"{name} rows={r}"
             try:  # the GPUs fail alike, so both ranks go on to the next case together
-                report["correct"][key] = _check(make, x, world)
+                x.fill_(rank + 1)
+                got = fn()
+                torch.cuda.synchronize()
+                report["correct"][key] = bool((got.float() == world * (world + 1) / 2).all())
                 for graph in (False, True):
-                    report["us"][f"{key} {'graph' if graph else 'eager'}"] = _time(make(x), args.reps, graph)
+                    report["us"][f"{key} {'graph' if graph else 'eager'}"] = _time(fn, args.reps, graph)
             except Exception as e:
                 report["correct"][key] = f"{type(e).__name__}: {e}"
     if rank == 0:
-        print(f"{'method':<16}{'rows':>6}{'KB':>8}{'eager us':>10}{'graph us':>10}  correct")
-        for name in methods:
-            for r in rows:
-                key = f"{name} rows={r}"
-                eager, graph = (report["us"].get(f"{key} {m}", float("nan")) for m in ("eager", "graph"))
-                print(f"{name:<16}{r:>6}{r * args.hidden * dtype.itemsize / 1024:>8.0f}{eager:>10.1f}{graph:>10.1f}  "
-                      f"{report['correct'][key]}")  # fmt: skip
+        print(f"{'case':<28}{'eager us':>10}{'graph us':>10}  correct")
+        for key, ok in report["correct"].items():
+            eager, graph = (report["us"].get(f"{key} {m}", float("nan")) for m in ("eager", "graph"))
+            print(f"{key:<28}{eager:>10.1f}{graph:>10.1f}  {ok}")
         args.out.mkdir(parents=True, exist_ok=True)
         report["command"] = " ".join(sys.argv)
         (args.out / "allreduce.json").write_text(json.dumps(report, indent=2) + "\n")
-    dist.destroy_process_group()
+    tp.leave()
 
 
 def main() -> None:
@@ -120,8 +103,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/allreduce"))
     ap.add_argument("--rows", default="1,8,64,128,512", help="rows of --hidden values per all-reduce")
     ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--dtype", default="bfloat16",
-                    help="PyTorch's one-shot kernel takes float32 and bfloat16 only (not float16, as of 2.11)")  # fmt: skip
+    ap.add_argument("--dtype", default="float16", help="the model's dtype (float16 sums float32 partials)")
     ap.add_argument("--reps", type=int, default=50, help="all-reduces per timed graph or eager loop")
     ap.add_argument("--world-size", type=int, default=0, help="GPUs (default: all)")
     args = ap.parse_args()

@@ -11,7 +11,7 @@ Weights stay in the checkpoint's layout and are dequantized in registers:
 |---|---|---|
 | FLOAT | [N, K] | - |
 | INT8 (W8A16) | int8 [K, N], stored K-contiguous at load (`quant.kernel_layout`) | per output channel [N] |
-| INT4 (W4A16_AWQ) | int8 [N/2, K], rows 2j / 2j+1 in the low / high nibble | [N, K/group], x scaled by [K] first |
+| INT4 (W4A16_AWQ) | int8 [N/2, K], rows 2j / 2j+1 in the low / high nibble | [N, K/group], and AWQ input scales [K] (on x, or on the weight tile in registers) |
 
 One row (batch 1), and up to `REGISTER_ROWS`, takes register dot products over narrow slabs of the
 whole K instead of `tl.dot`, which needs 16 rows, and requests its weights, bias, scales and
@@ -494,7 +494,8 @@ def _tiles(w: Weights, n: int, k: int, bm: int) -> tuple[int, int, int]:
     0.471 -> 0.530 ms.)"""
     if bm < 16:  # register dot products: the one-row tile's registers, spread over the rows
         if k > 1024:  # FFN output: its whole K of 4096 in one slab, on the H200 fp16 4.4-5.1 -> 3.5 us and
-            # int8 4.8 -> 3.1 (one row; int8's two rows keep 2048, unmeasured at 4096)
+            # int8 4.8 -> 3.1 at one row, int4's one row too (its chain 3.0 -> 2.7 us a launch with the AWQ fold);
+            # two rows keep 2048 (unmeasured at 4096)
             whole = w.fmt == FLOAT or bm == 1
             return 4, (min(triton.next_power_of_2(k), 4096) if whole else 2048) // bm, 8
         return (8 if w.fmt == INT4 else 4), 1024 // bm, 4

@@ -1,7 +1,7 @@
 """Tensor parallelism: which rank this process is, and the collectives the model needs.
 
 Each rank loads only its own `rank{r}.safetensors`; row-parallel layers (`dense`, `mlp.proj`)
-sum their partial outputs with `all_reduce` before adding their unsplit bias.
+sum their partial outputs with `all_reduce`, rank 0's partial carrying the unsplit bias.
 
 At batch 1 a decode step sums 36 small tensors one after another, so the sum's latency decides
 the step time. On CUDA, `use_peer_all_reduce` switches sums of up to `PEER_MAX_BYTES` to PyTorch's
@@ -94,7 +94,7 @@ def use_peer_all_reduce(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def min_over_ranks(n: int, device: torch.device) -> int:
-    """The smallest of every rank's `n` (each rank must size its KV pool alike)."""
+    """The smallest of every rank's `n`, for what all ranks must agree on (the KV pool's size)."""
     if world_size() == 1:
         return n
     t = torch.tensor([n], dtype=torch.int64, device=device)
