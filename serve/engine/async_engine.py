@@ -102,7 +102,9 @@ def _init_group(rank: int, world: int, init_file: str, device: torch.device) -> 
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world,
-        timeout=timedelta(hours=1),
+        # a rank that dies (say, out of memory while loading) leaves the others waiting in a collective:
+        # past this, PyTorch's NCCL watchdog ends the process, so an orchestrator can restart it
+        timeout=timedelta(minutes=10),
     )
 
 
