@@ -343,7 +343,7 @@ def topk_over_shards(logits: torch.Tensor, vocab: int, k: int, eos_id: int, eos_
                      shortlist: fused.Shortlist | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`fused.topk_logprobs` of the lm_head split by vocabulary over the TP ranks, from this rank's
     [rows, vocab shard] logits: the ranks exchange each shard's top-k and log-normalizer per row, 2k + 1
-    floats, instead of all-gathering the logits (at 64 rows and two ranks, 64 MB of float32 a step)."""
+    floats, instead of all-gathering the logits (at 64 rows on two ranks, 32 MB of float32 each way a step)."""
     rows, n = logits.shape
     lo = tp.rank() * n
     hi = min(lo + n, vocab)
