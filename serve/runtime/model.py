@@ -334,9 +334,7 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     """Concatenate the column-parallel lm_head shards of all TP ranks."""
     if tp.world_size() == 1:
         return logits
-    parts = [torch.empty_like(logits) for _ in range(tp.world_size())]
-    torch.distributed.all_gather(parts, logits.contiguous())
-    return torch.cat(parts, dim=-1)
+    return torch.cat(tp.all_gather(logits.contiguous()), dim=-1)
 
 
 def topk_over_shards(logits: torch.Tensor, vocab: int, k: int, eos_id: int, eos_blocked: torch.Tensor,
@@ -356,9 +354,7 @@ def topk_over_shards(logits: torch.Tensor, vocab: int, k: int, eos_id: int, eos_
         logits[:, eos_id - lo] = logits[:, eos_id - lo].masked_fill(eos_blocked.bool(), float("-inf"))
     values, ids = torch.topk(logits, min(k, n), dim=-1)
     mine = torch.cat([values, (ids + lo).float(), norm], dim=-1)  # ids < 2^24 are exact in float32
-    parts = [torch.empty_like(mine) for _ in range(tp.world_size())]
-    torch.distributed.all_gather(parts, mine)
-    every = torch.stack(parts, dim=1)  # [rows, ranks, 2k' + 1]
+    every = torch.stack(tp.all_gather(mine), dim=1)  # [rows, ranks, 2k' + 1]
     kk = values.shape[-1]
     best, j = torch.topk(every[..., :kk].flatten(1), k, dim=-1)
     ids = every[..., kk : 2 * kk].flatten(1).gather(1, j).long()

@@ -23,6 +23,8 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 PEER_MAX_BYTES = 1 << 20  # above this NCCL's ring is as fast, and the buffer would be large
 _peer: _PeerAllReduce | None = None
+# the peer buffer's dtype for a model's: the one-shot kernel takes no float16, so those partials are float32
+_PEER_DTYPE = {torch.float16: torch.float32, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16}
 
 
 def world_size() -> int:
@@ -44,6 +46,13 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_gather(x: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `x`, in rank order."""
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x)
+    return parts
+
+
 def partial_out(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor | None:
     """Where a fused row-parallel kernel of a `dtype` model should write its [rows, cols] partial sums
     so that `all_reduce` reads them in place: a view of the peer buffer (float32 for a float16 model),
@@ -51,9 +60,6 @@ def partial_out(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor | None
     if _peer is None or rows * cols > _peer.buffer.numel() or _PEER_DTYPE.get(dtype) != _peer.buffer.dtype:
         return None
     return _peer.buffer[: rows * cols].view(rows, cols)
-
-
-_PEER_DTYPE = {torch.float16: torch.float32, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16}
 
 
 class _PeerAllReduce:
