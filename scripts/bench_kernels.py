@@ -58,9 +58,10 @@ def torch_path(x, w, bias, norm, act, residual):
     return h + residual if residual is not None else h
 
 
-def attention(m: int, ctx: int, chunks: list[int], block: int = 16) -> list[dict]:
-    """Paged attention of m query rows over ctx cached positions each (16 heads of 64), per chunk size;
-    chunk 16 reads one cache block per iteration, as the kernel did before it gathered chunks."""
+def attention(m: int, ctx: int, chunks: list[int], warps: list[int | None], block: int = 16) -> list[dict]:
+    """Paged attention of m query rows over ctx cached positions each (16 heads of 64), per chunk size and
+    warps (None: the runtime's choice); chunk 16 reads one cache block per iteration, as the kernel did
+    before it gathered chunks."""
     per_row = -(-ctx // block)
     kv_bytes = 2 * m * ctx * HIDDEN * 2
     pools = []
@@ -72,11 +73,11 @@ def attention(m: int, ctx: int, chunks: list[int], block: int = 16) -> list[dict
     lens = torch.full((m,), ctx, device="cuda", dtype=torch.int32)
     out = []
     early = {"": {}, " static": {"static": True}, " fresh_from": {"fresh_from": lens - 1}}  # fmt: skip
-    for chunk, (name, kw) in itertools.product(chunks, early.items()):
-        us = graph_us([partial(kernels.paged_attention_triton, q, k, v, t, lens, 0.125, chunk=chunk, **kw)
-                       for k, v, t in pools])  # fmt: skip
+    for chunk, nw, (name, kw) in itertools.product(chunks, warps, early.items()):
+        us = graph_us([partial(kernels.paged_attention_triton, q, k, v, t, lens, 0.125, chunk=chunk, num_warps=nw,
+                               **kw) for k, v, t in pools])  # fmt: skip
         out.append({"rows": m, "shape": f"attention, context {ctx}", "fmt": "fp16", "us": us,
-                    "impl": f"triton chunk={chunk}{name}", "GBps": kv_bytes / us / 1e3})  # fmt: skip
+                    "impl": f"triton chunk={chunk} warps={nw or 'auto'}{name}", "GBps": kv_bytes / us / 1e3})  # fmt: skip
     return out
 
 
@@ -238,6 +239,8 @@ def main() -> None:
                     help="K slabs to time for each linear, e.g. auto,1,2,4 (auto: the runtime's own choice)")  # fmt: skip
     ap.add_argument("--contexts", default="32,64,128", help="context lengths of the paged attention timings")
     ap.add_argument("--chunks", default=f"16,{kernels.CHUNK}", help="attention chunk sizes to time")
+    ap.add_argument("--attention-warps", default="auto",
+                    help="attention warps per program to time, e.g. auto,2,4 (auto: the runtime's choice)")  # fmt: skip
     args = ap.parse_args()
     shapes = args.shapes.split(",")
     results = []
@@ -247,7 +250,8 @@ def main() -> None:
             results += lm_heads(args, m)
         if "attention" in shapes:
             for ctx in (int(c) for c in args.contexts.split(",")):
-                results += attention(m, ctx, [int(c) for c in args.chunks.split(",")])
+                results += attention(m, ctx, [int(c) for c in args.chunks.split(",")],
+                                     [None if w == "auto" else int(w) for w in args.attention_warps.split(",")])  # fmt: skip
     if "chain" in shapes:
         results += chain(args)
     args.out.mkdir(parents=True, exist_ok=True)

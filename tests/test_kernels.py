@@ -21,11 +21,14 @@ from serve.runtime.kernels import (
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def random_paged(n=7, heads=4, dim=16, block=16, blocks=40, device="cpu", dtype=torch.float32, seed=0):
+def random_paged(n=7, heads=4, dim=16, block=16, blocks=40, device="cpu", dtype=torch.float32, seed=0,
+                 lens=None):  # fmt: skip
+    """q, pools, tables and lengths of n rows (random lengths, or `lens`) over a paged cache."""
     g = torch.Generator().manual_seed(seed)
     k_pool = torch.randn(blocks, block, heads, dim, generator=g).to(device, dtype)
     v_pool = torch.randn(blocks, block, heads, dim, generator=g).to(device, dtype)
-    lens = torch.randint(1, 5 * block, (n,), generator=g)
+    lens = torch.randint(1, 5 * block, (n,), generator=g) if lens is None else torch.tensor(lens)
+    n = len(lens)
     width = int((lens.max() + block - 1) // block) + 2
     tables = torch.stack([torch.randperm(blocks, generator=g)[:width] for _ in range(n)])
     q = torch.randn(n, heads, dim, generator=g).to(device, dtype)
@@ -52,14 +55,18 @@ def test_reference_matches_per_row_definition():
 def test_triton_kernel_matches_reference(dtype, kernel_device):
     if kernel_device == "cpu" and dtype != torch.float32:
         pytest.skip("the interpreter runs float32")
-    n, heads = (33, 16) if kernel_device == "cuda" else (4, 2)
-    args = (*random_paged(n=n, heads=heads, dim=64, blocks=300, device=kernel_device, dtype=dtype), 0.125)
-    assert args[4].max() > 32  # contexts of several chunks at the smaller chunk size
+    """Every chunk tier (contexts up to a quarter, a half and more of `kernels.CHUNK`, several chunks), two
+    and four warps, and what the kernel reads before its wait."""
+    heads = 16 if kernel_device == "cuda" else 2
+    lens = [1, 31, 32, 33, 63, 64, 65, 128, 129, 300]
+    paged = random_paged(heads=heads, dim=64, blocks=300, device=kernel_device, dtype=dtype, lens=lens)
+    args = (*paged, 0.125)
     ref = paged_attention_reference(*args)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     fresh_from = (args[4] - 2).clamp(min=0)  # each row's last two positions written "this step"
     for got in (paged_attention(*args), paged_attention_triton(*args, chunk=32),
-                paged_attention_triton(*args, chunk=32, static=True),
+                paged_attention_triton(*args, chunk=32, static=True), paged_attention_triton(*args, num_warps=2),
+                paged_attention_triton(*args, static=True), paged_attention_triton(*args, tiered=False),
                 paged_attention_triton(*args, fresh_from=fresh_from)):  # fmt: skip
         assert (got.float() - ref.float()).abs().max().item() <= tol
 

@@ -30,7 +30,8 @@ except ImportError:  # CPU-only installs
 # Tests set this (with TRITON_INTERPRET=1 in the environment before triton is imported) to run
 # the Triton kernels on CPU tensors in Triton's interpreter; serving never does.
 CPU_INTERPRETER = False
-CHUNK = 128  # context positions the attention kernel reads per iteration
+CHUNK = 128  # context positions the attention kernel reads per iteration (a short context, a quarter or half)
+TWO_WARP_ROWS = 8  # query rows from which the attention kernel runs two warps a program
 EARLY_ALL, EARLY_OLD = 1, 2  # what the attention kernel reads before its predecessor ends (`paged_attention`)
 PDL = os.environ.get("MT_PDL", "1") != "0"
 
@@ -130,8 +131,37 @@ if triton is not None:
     def _paged_attention_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, fresh_ptr, out_ptr, scale,
         stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh,
-        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, EARLY: tl.constexpr,
-        PDL: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, TIERED: tl.constexpr,
+        EARLY: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        # TIERED: a context of up to a quarter or a half of CHUNK positions takes one chunk of that size, a
+        # tile sized to it instead of a mostly masked one of CHUNK. On the H200 with fresh_from
+        # (`scripts/bench_kernels.py --shapes attention`): one row and 32 positions 2.6 -> 1.7 us, 64 rows
+        # and 32 / 64 positions 11.5 / 12.9 -> 5.2 / 7.9 us (with `TWO_WARP_ROWS`); 128 positions unchanged.
+        pdl_start(PDL)
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        if EARLY == 0:
+            pdl_wait(PDL)
+        length = tl.load(lens_ptr + row)
+        if TIERED and length <= CHUNK // 4:
+            _attend_row(q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, out_ptr, scale, row, head, length, stride_qn,
+                        stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh, BLOCK_SIZE,
+                        HEAD_DIM, CHUNK // 4, EARLY, PDL)  # fmt: skip
+        elif TIERED and length <= CHUNK // 2:
+            _attend_row(q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, out_ptr, scale, row, head, length, stride_qn,
+                        stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh, BLOCK_SIZE,
+                        HEAD_DIM, CHUNK // 2, EARLY, PDL)  # fmt: skip
+        else:
+            _attend_row(q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, out_ptr, scale, row, head, length, stride_qn,
+                        stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh, BLOCK_SIZE,
+                        HEAD_DIM, CHUNK, EARLY, PDL)  # fmt: skip
+
+    @triton.jit
+    def _attend_row(
+        q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, out_ptr, scale, row, head, length, stride_qn, stride_qh,
+        stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh, BLOCK_SIZE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         # CHUNK positions per iteration, gathered across as many cache blocks as they span: a decode
         # step's context usually fits one chunk, so its K and V arrive in one round trip. With EARLY,
@@ -139,12 +169,6 @@ if triton is not None:
         # written before the step's first decode kernel): EARLY_ALL, all of it (cross-attention);
         # EARLY_OLD, all of it, then its positions from fresh_from on, which this step's QKV kernel
         # writes, are read again after the wait. Either way only q and those come after it.
-        pdl_start(PDL)
-        row = tl.program_id(0)
-        head = tl.program_id(1)
-        if EARLY == 0:
-            pdl_wait(PDL)
-        length = tl.load(lens_ptr + row)
         k, v, valid, kv_off = _kv_chunk(k_ptr, v_ptr, tables_ptr, row, head, 0, length, stride_kb, stride_ks,
                                         stride_kh, stride_tn, BLOCK_SIZE, HEAD_DIM, CHUNK)  # fmt: skip
         if EARLY == 2:  # EARLY_OLD
@@ -173,8 +197,11 @@ if triton is not None:
 def paged_attention_triton(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
     scale: float, chunk: int = CHUNK, static: bool = False, fresh_from: torch.Tensor | None = None,
+    tiered: bool = True, num_warps: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """`static`, `fresh_from`: see `paged_attention`."""
+    """`static`, `fresh_from`: see `paged_attention`. From `TWO_WARP_ROWS` rows, two warps a program: on the
+    H200 at 64 rows and 32 / 64 positions (fresh_from), 5.2 / 7.9 against 7.9 / 9.7 us with four; fewer rows
+    keep four, which a long context at one row favours (128 positions: 2.2 against 2.9 us)."""
     n, heads, head_dim = q.shape
     out = torch.empty_like(q)
     early = EARLY_ALL if static else EARLY_OLD if fresh_from is not None else 0
@@ -182,7 +209,8 @@ def paged_attention_triton(
         q, k_pool, v_pool, tables, lens, fresh_from if fresh_from is not None else lens, out, scale,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), tables.stride(0),
         out.stride(0), out.stride(1), BLOCK_SIZE=k_pool.shape[1], HEAD_DIM=head_dim, CHUNK=chunk,
-        EARLY=early, **pdl_args(q),
+        TIERED=tiered and chunk >= 64, EARLY=early, num_warps=num_warps or (2 if n >= TWO_WARP_ROWS else 4),
+        **pdl_args(q),
     )  # fmt: skip
     return out
 
