@@ -53,10 +53,10 @@ def test_reference_matches_per_row_definition():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_triton_kernel_matches_reference(dtype, kernel_device):
+    """Every chunk tier (contexts up to a quarter, a half and more of `kernels.CHUNK`, several chunks), two
+    warps (the default at these ten rows) and four, and what the kernel reads before its wait."""
     if kernel_device == "cpu" and dtype != torch.float32:
         pytest.skip("the interpreter runs float32")
-    """Every chunk tier (contexts up to a quarter, a half and more of `kernels.CHUNK`, several chunks), two
-    and four warps, and what the kernel reads before its wait."""
     heads = 16 if kernel_device == "cuda" else 2
     lens = [1, 31, 32, 33, 63, 64, 65, 128, 129, 300]
     paged = random_paged(heads=heads, dim=64, blocks=300, device=kernel_device, dtype=dtype, lens=lens)
@@ -65,7 +65,7 @@ def test_triton_kernel_matches_reference(dtype, kernel_device):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     fresh_from = (args[4] - 2).clamp(min=0)  # each row's last two positions written "this step"
     for got in (paged_attention(*args), paged_attention_triton(*args, chunk=32),
-                paged_attention_triton(*args, chunk=32, static=True), paged_attention_triton(*args, num_warps=2),
+                paged_attention_triton(*args, chunk=32, static=True), paged_attention_triton(*args, num_warps=4),
                 paged_attention_triton(*args, static=True), paged_attention_triton(*args, tiered=False),
                 paged_attention_triton(*args, fresh_from=fresh_from)):  # fmt: skip
         assert (got.float() - ref.float()).abs().max().item() <= tol

@@ -30,7 +30,7 @@ except ImportError:  # CPU-only installs
 # Tests set this (with TRITON_INTERPRET=1 in the environment before triton is imported) to run
 # the Triton kernels on CPU tensors in Triton's interpreter; serving never does.
 CPU_INTERPRETER = False
-CHUNK = 128  # context positions the attention kernel reads per iteration (a short context, a quarter or half)
+CHUNK = 128  # context positions the attention kernel reads per iteration (a quarter or half where that fits)
 TWO_WARP_ROWS = 8  # query rows from which the attention kernel runs two warps a program
 EARLY_ALL, EARLY_OLD = 1, 2  # what the attention kernel reads before its predecessor ends (`paged_attention`)
 PDL = os.environ.get("MT_PDL", "1") != "0"
@@ -209,7 +209,7 @@ def paged_attention_triton(
         q, k_pool, v_pool, tables, lens, fresh_from if fresh_from is not None else lens, out, scale,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), tables.stride(0),
         out.stride(0), out.stride(1), BLOCK_SIZE=k_pool.shape[1], HEAD_DIM=head_dim, CHUNK=chunk,
-        TIERED=tiered and chunk >= 64, EARLY=early, num_warps=num_warps or (2 if n >= TWO_WARP_ROWS else 4),
+        TIERED=tiered, EARLY=early, num_warps=num_warps or (2 if n >= TWO_WARP_ROWS else 4),
         **pdl_args(q),
     )  # fmt: skip
     return out
