@@ -277,7 +277,7 @@ def test_row_variants_launch_every_variant_that_any_row_count_does(monkeypatch):
     def variants(rows) -> set:
         launched.clear()
         for w, n, k, kw in weights:
-            for m in (m for m in rows if m <= fused.MAX_ROWS[w.fmt]):
+            for m in (m for m in rows if m <= fused.row_limit(w.fmt, kw.get("norm"), kw.get("residual"))):
                 res = torch.zeros(m, n, dtype=torch.float16) if kw.get("residual") else None
                 fused.linear_triton(torch.zeros(m, k, dtype=torch.float16), w, n, torch.zeros(n, dtype=torch.float16),
                                     kw.get("norm"), kw.get("act"), res)  # fmt: skip
@@ -287,6 +287,32 @@ def test_row_variants_launch_every_variant_that_any_row_count_does(monkeypatch):
     every = variants(range(1, limit + 1))
     assert len(every) > 20
     assert variants(fused.row_variants(limit)) == every
+
+
+def test_fp16_output_projections_stay_on_the_kernel_up_to_64_rows(kernel_device, monkeypatch):
+    """Between 17 and 64 rows an fp16 linear with a norm runs cuBLAS and its own norm launch, while one that
+    only adds the residual (the attention and FFN output projections) still runs the fused kernel, which
+    saves the add's launch; both give the layer's result."""
+    from serve.runtime import fused
+    from serve.runtime.layers import Linear
+
+    g = torch.Generator().manual_seed(8)
+    layer = Linear(64, 32).to(kernel_device)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(32, 64, generator=g) / 8)
+        layer.bias.copy_(torch.randn(32, generator=g))
+    norm = torch.nn.LayerNorm(64, device=kernel_device)
+    kernel, real = [], fused.linear_triton
+    monkeypatch.setattr(fused, "linear_triton", lambda *a, **kw: kernel.append(True) or real(*a, **kw))
+    for rows, kw, fused_expected in [(48, {"residual": True}, True), (48, {"norm": norm}, False),
+                                     (65, {"residual": True}, False), (16, {"norm": norm}, True)]:  # fmt: skip
+        kernel.clear()
+        x = torch.randn(rows, 64, generator=g).to(kernel_device)
+        res = torch.randn(rows, 32, generator=g).to(kernel_device) if kw.get("residual") else None
+        got = fused.linear(x, layer, norm=kw.get("norm"), residual=res)
+        ref = layer(kw["norm"](x) if "norm" in kw else x) + (res if res is not None else 0)
+        assert bool(kernel) == fused_expected, (rows, sorted(kw))
+        assert torch.allclose(got, ref, atol=1e-4), (rows, sorted(kw))
 
 
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])

@@ -28,7 +28,7 @@ of exponentials) and its local top-K, and a small merge gives each row's top-K l
 `embed` runs the embeddings' lookups, scale, sum and LayerNorm as one launch.
 
 All three fall back to the PyTorch composition they are tested against (`*_reference`) off CUDA,
-for more than `MAX_ROWS` rows, under tensor parallelism where a kernel would need a collective
+for more rows than `row_limit`, under tensor parallelism where a kernel would need a collective
 inside it, and for formats they do not read (SmoothQuant); `MT_FUSED=0` forces the fallback.
 CI runs the kernels themselves on CPU tensors in Triton's interpreter (`kernels.CPU_INTERPRETER`).
 """
@@ -57,11 +57,17 @@ ACTIVATIONS = {  # TRT-LLM hidden_act names
 }
 ACT_CODES = {None: 0, "gelu": 1, "gelu_new": 2, "relu": 3}
 # Rows up to which the kernels pay on the H100 (`scripts/bench_kernels.py --rows ...`); more rows take
-# the reference. fp16: cuBLAS plus separate norm/activation/add kernels is faster from 17 rows on.
+# the reference. fp16: cuBLAS plus separate norm/activation/add kernels is faster from 17 rows on (except
+# where the add is all there is to fuse: `RESIDUAL_MAX_ROWS`).
 # int8/int4: the reference dequantizes the whole weight for cuBLAS every step, so the kernels pay up to
 # 128 rows, where they read each weight tile once per 64 rows (a decoder layer at 128 rows: int8 99 µs
 # fused vs 135 dequantized, int4 114 vs 327). The lm_head top-K pays at every batch.
 MAX_ROWS = {FLOAT: 16, INT8: 128, INT4: 128}
+# fp16 layers with a residual and no norm before them (attention and FFN output projections) keep the kernel up
+# to 64 rows, where cuBLAS needs a launch of its own for the add. 64 rows on the H200, dense 4.6 against 6.2 us and
+# FFN output 7.1 against 10.2 (`kernels-64-sweep.json`); the H100 at 32 / 64 / 128 rows, dense 4.9 / 5.7 / 4.9
+# against 6.2 / 6.3 / 6.6, FFN output 9.2 / 9.5 / 11.4 against 10.9 / 11.1 / 11.1 (`h100/kernels-rows.json`).
+RESIDUAL_MAX_ROWS = {FLOAT: 64}
 LM_HEAD_MAX_ROWS = 256
 # Up to this many rows (a power of two below 16), a linear takes register dot products of each row with
 # narrow weight slabs requested before the previous kernel ends, as one row does; tl.dot needs 16 rows.
@@ -532,6 +538,14 @@ def _cap_k(bm: int, bn: int, bk: int, elem: int) -> int:
     return min(bk, 1 << (cap.bit_length() - 1))
 
 
+def row_limit(fmt: int, norm: torch.nn.LayerNorm | None, residual: torch.Tensor | None) -> int:
+    """The most rows a linear of this format, prologue and epilogue runs as a kernel (`MAX_ROWS`,
+    `RESIDUAL_MAX_ROWS`)."""
+    if norm is None and residual is not None:
+        return max(MAX_ROWS[fmt], RESIDUAL_MAX_ROWS.get(fmt, 0))
+    return MAX_ROWS[fmt]
+
+
 def usable(x: torch.Tensor, w: Weights | None, max_rows: int | None = None) -> bool:
     """Whether the Triton kernels can run this input (else the reference runs)."""
     rows = x.numel() // x.shape[-1]
@@ -629,7 +643,7 @@ def linear(x: torch.Tensor, layer, norm: torch.nn.LayerNorm | None = None, act: 
     """
     n = n or layer.out_features
     w = layer.kernel_weights()
-    if not usable(x, w):
+    if not usable(x, w, row_limit(w.fmt, norm, residual) if w else None):
         h = norm(x) if norm is not None else x
         y = _finish(layer(h) if n == layer.out_features else layer.forward_rows(h, n), act, residual)
         if kv is not None:
