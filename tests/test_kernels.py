@@ -290,8 +290,8 @@ def test_row_variants_launch_every_variant_that_any_row_count_does(monkeypatch):
 
 
 def test_fp16_output_projections_stay_on_the_kernel_up_to_64_rows(kernel_device, monkeypatch):
-    """Between 17 and 64 rows an fp16 linear with a norm runs cuBLAS and its own norm launch, while one that
-    only adds the residual (the attention and FFN output projections) still runs the fused kernel, which
+    """Between 17 and 64 rows a float-weight linear with a norm runs cuBLAS and its own norm launch, while one
+    that only adds the residual (the attention and FFN output projections) still runs the fused kernel, which
     saves the add's launch; both give the layer's result."""
     from serve.runtime import fused
     from serve.runtime.layers import Linear

@@ -539,8 +539,8 @@ def _cap_k(bm: int, bn: int, bk: int, elem: int) -> int:
 
 
 def row_limit(fmt: int, norm: torch.nn.LayerNorm | None, residual: torch.Tensor | None) -> int:
-    """The most rows a linear of this format, prologue and epilogue runs as a kernel (`MAX_ROWS`,
-    `RESIDUAL_MAX_ROWS`)."""
+    """The most rows at which a linear of this weight format, with this norm and residual, runs as a kernel
+    (`MAX_ROWS`, `RESIDUAL_MAX_ROWS`)."""
     if norm is None and residual is not None:
         return max(MAX_ROWS[fmt], RESIDUAL_MAX_ROWS.get(fmt, 0))
     return MAX_ROWS[fmt]
