@@ -66,7 +66,7 @@ def test_triton_kernel_matches_reference(dtype, kernel_device):
     fresh_from = (args[4] - 2).clamp(min=0)  # each row's last two positions written "this step"
     for got in (paged_attention(*args), paged_attention_triton(*args, chunk=32),
                 paged_attention_triton(*args, chunk=32, static=True), paged_attention_triton(*args, num_warps=4),
-                paged_attention_triton(*args, static=True), paged_attention_triton(*args, tiered=False),
+                paged_attention_triton(*args, static=True),
                 paged_attention_triton(*args, fresh_from=fresh_from)):  # fmt: skip
         assert (got.float() - ref.float()).abs().max().item() <= tol
 

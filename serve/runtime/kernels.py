@@ -131,10 +131,10 @@ if triton is not None:
     def _paged_attention_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, fresh_ptr, out_ptr, scale,
         stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh,
-        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, TIERED: tl.constexpr,
-        EARLY: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, EARLY: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
-        # TIERED: a context of up to a quarter or a half of CHUNK positions takes one chunk of that size, a
+        # A context of up to a quarter or a half of CHUNK positions takes one chunk of that size, a
         # tile sized to it instead of a mostly masked one of CHUNK. On the H200 with fresh_from
         # (`scripts/bench_kernels.py --shapes attention`): one row and 32 positions 2.6 -> 1.7 us, 64 rows
         # and 32 / 64 positions 11.5 / 12.9 -> 5.2 / 7.9 us (with `TWO_WARP_ROWS`); 128 positions unchanged.
@@ -144,11 +144,11 @@ if triton is not None:
         if EARLY == 0:
             pdl_wait(PDL)
         length = tl.load(lens_ptr + row)
-        if TIERED and length <= CHUNK // 4:
+        if length <= CHUNK // 4:
             _attend_row(q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, out_ptr, scale, row, head, length, stride_qn,
                         stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh, BLOCK_SIZE,
                         HEAD_DIM, CHUNK // 4, EARLY, PDL)  # fmt: skip
-        elif TIERED and length <= CHUNK // 2:
+        elif length <= CHUNK // 2:
             _attend_row(q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, out_ptr, scale, row, head, length, stride_qn,
                         stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh, BLOCK_SIZE,
                         HEAD_DIM, CHUNK // 2, EARLY, PDL)  # fmt: skip
@@ -197,7 +197,7 @@ if triton is not None:
 def paged_attention_triton(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
     scale: float, chunk: int = CHUNK, static: bool = False, fresh_from: torch.Tensor | None = None,
-    tiered: bool = True, num_warps: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """`static`, `fresh_from`: see `paged_attention`. From `TWO_WARP_ROWS` rows, two warps a program: on the
     H200 at 64 rows and 32 / 64 positions (fresh_from), 5.2 / 7.9 against 7.9 / 9.7 us with four; fewer rows
@@ -209,7 +209,7 @@ def paged_attention_triton(
         q, k_pool, v_pool, tables, lens, fresh_from if fresh_from is not None else lens, out, scale,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), tables.stride(0),
         out.stride(0), out.stride(1), BLOCK_SIZE=k_pool.shape[1], HEAD_DIM=head_dim, CHUNK=chunk,
-        TIERED=tiered, EARLY=early, num_warps=num_warps or (2 if n >= TWO_WARP_ROWS else 4),
+        EARLY=early, num_warps=num_warps or (2 if n >= TWO_WARP_ROWS else 4),
         **pdl_args(q),
     )  # fmt: skip
     return out

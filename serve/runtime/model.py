@@ -342,7 +342,7 @@ def topk_over_shards(logits: torch.Tensor, vocab: int, k: int, eos_id: int, eos_
     """`fused.topk_logprobs` of the lm_head split by vocabulary over the TP ranks, from this rank's
     [rows, vocab shard] logits: the ranks exchange each shard's top-k and log-normalizer per row, 2k + 1
     floats, instead of all-gathering the logits (at 64 rows on two ranks, 32 MB of float32 each way a step)."""
-    rows, n = logits.shape
+    n = logits.shape[1]
     lo = tp.rank() * n
     hi = min(lo + n, vocab)
     keep = torch.arange(lo, lo + n, device=logits.device) < vocab  # the last shard's padding
