@@ -351,14 +351,15 @@ def test_split_k_refuses_more_tiles_than_locks(kernel_device, monkeypatch):
     assert fused.linear_triton(x, w, 64, block_n=16, split_k=1).shape == (1, 64)
 
 
-def test_fused_layernorm_statistics_of_rows_far_from_zero(kernel_device):
+@pytest.mark.parametrize("fmt", ["float", "int4"])  # the one-pass statistics, and int4's two passes
+def test_fused_layernorm_statistics_of_rows_far_from_zero(fmt, kernel_device):
     """The kernel's LayerNorm statistics (`fused._row_stats`) keep their precision where a row's mean is far
-    larger than its spread (a one-pass E[x^2] - E[x]^2 loses it all in float32 here)."""
+    larger than its spread (a one-pass E[x^2] - E[x]^2 without its shift loses it all in float32 here)."""
     from serve.runtime import fused
 
     g = torch.Generator().manual_seed(5)
     k = 1024 if kernel_device == "cuda" else 128
-    w = random_weights("float", 64, k, kernel_device, torch.float32)
+    w = random_weights(fmt, 64, k, kernel_device, torch.float32)
     norm = torch.nn.LayerNorm(k, device=kernel_device)
     for m in (1, fused.NORM_FIRST_ROWS - 1):  # one row, and the most whose statistics the kernel computes
         x = (300 + torch.randn(m, k, generator=g) / 8).to(kernel_device)

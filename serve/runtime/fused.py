@@ -128,21 +128,46 @@ if triton is not None:
     from serve.runtime.kernels import pdl_start, pdl_wait
 
     @triton.jit
-    def _row_stats(x_rows, m_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Mean and 1/std of each row (two passes, as LayerNorm computes them). Where BLOCK_S covers the
-        row, each pass is one load, and the second finds the row in L1."""
+    def _add_pairs(a, b, c, d):
+        return a + c, b + d
+
+    @triton.jit
+    def _row_stats(
+        x_rows, m_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, ONE_PASS: tl.constexpr
+    ):
+        """Mean and 1/std of each row. Where BLOCK_S covers the row, each pass is one load; a second finds the
+        row in L1. ONE_PASS: the sums of (x - c) and its square in one reduction of both, shifted by the row's
+        first input c so that a large mean does not cancel the variance's digits: after the wait, one
+        reduction in sequence instead of two (in a chain of dependent one-row linears on the H200, with the
+        norm only, fp16 2.6 -> 2.4 us and int8 2.8 -> 2.6 a launch). Else two passes, as LayerNorm computes
+        them: int4's register path, whose chain the one pass made slower (2.5 -> 2.7 us a launch)."""
         rk = tl.arange(0, BLOCK_S)
         total = tl.zeros((BLOCK_M,), tl.float32)
-        for k0 in range(0, K, BLOCK_S):
-            ok = m_ok[:, None] & (k0 + rk < K)[None, :]
-            total += tl.sum(tl.load(x_rows + k0 + rk[None, :], mask=ok, other=0.0).to(tl.float32), axis=1)
-        mean = total / K
         sq = tl.zeros((BLOCK_M,), tl.float32)
-        for k0 in range(0, K, BLOCK_S):
-            ok = m_ok[:, None] & (k0 + rk < K)[None, :]
-            d = tl.load(x_rows + k0 + rk[None, :], mask=ok, other=0.0).to(tl.float32) - mean[:, None]
-            sq += tl.sum(tl.where(ok, d * d, 0.0), axis=1)
-        return mean, 1.0 / tl.sqrt(sq / K + eps)
+        if ONE_PASS:
+            c = tl.load(x_rows, mask=m_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_M, 1]
+            for k0 in range(0, K, BLOCK_S):
+                ok = m_ok[:, None] & (k0 + rk < K)[None, :]
+                d = tl.where(
+                    ok, tl.load(x_rows + k0 + rk[None, :], mask=ok, other=0.0).to(tl.float32) - c, 0.0
+                )
+                t, q = tl.reduce((d, d * d), 1, _add_pairs)
+                total += t
+                sq += q
+            shift = total / K
+            mean = tl.reshape(c, (BLOCK_M,)) + shift
+            var = tl.maximum(sq / K - shift * shift, 0.0)
+        else:
+            for k0 in range(0, K, BLOCK_S):
+                ok = m_ok[:, None] & (k0 + rk < K)[None, :]
+                total += tl.sum(tl.load(x_rows + k0 + rk[None, :], mask=ok, other=0.0).to(tl.float32), axis=1)
+            mean = total / K
+            for k0 in range(0, K, BLOCK_S):
+                ok = m_ok[:, None] & (k0 + rk < K)[None, :]
+                d = tl.load(x_rows + k0 + rk[None, :], mask=ok, other=0.0).to(tl.float32) - mean[:, None]
+                sq += tl.sum(tl.where(ok, d * d, 0.0), axis=1)
+            var = sq / K
+        return mean, 1.0 / tl.sqrt(var + eps)
 
     @triton.jit
     def _w_tile(w_ptr, cols, n_ok, k0, k_hi, N, stride_wn, stride_wk, FMT: tl.constexpr, GATHER: tl.constexpr,
@@ -237,14 +262,18 @@ if triton is not None:
         return part
 
     @triton.jit
-    def _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, cols, n_ok, N, K, k_lo, k_hi, eps,
-                     stride_xm, stride_wn, stride_wk, stride_sn, FMT: tl.constexpr, GROUP: tl.constexpr,
-                     HAS_LN: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
-                     PDL: tl.constexpr):  # fmt: skip
-        """fp32 [BLOCK_M, BLOCK_N] tile of LN(x) W^T over inputs k_lo..k_hi (a multiple of BLOCK_K apart,
+    def _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, res_ptr, rm, m_ok, cols, n_ok, N, K, k_lo, k_hi,
+                     eps, stride_xm, stride_wn, stride_wk, stride_sn, stride_rm, FMT: tl.constexpr,
+                     GROUP: tl.constexpr, HAS_LN: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+                     EARLY_RES: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        """(fp32 [BLOCK_M, BLOCK_N] tile of LN(x) W^T over inputs k_lo..k_hi (a multiple of BLOCK_K apart,
         or up to K) for output columns `cols`: program_id(0)'s contiguous block, or any ids with
-        GATHER (the lm_head over a shortlist). The LayerNorm statistics always cover all K inputs.
+        GATHER (the lm_head over a shortlist); with EARLY_RES, that tile of the residual, else 0).
+        The LayerNorm statistics always cover all K inputs.
+
+        The residual is requested as soon as the wait returns, beside x: requested in the epilogue, its
+        round trip came after the product's reduction.
 
         With register dot products (BLOCK_M < 16), all that the first slab reads besides x, and int8's channel
         scales, are requested first: before the previous kernel has finished (`kernels.pdl_wait`), and before
@@ -267,10 +296,14 @@ if triton is not None:
                 w0 = _dequantized(w, gs, pre, FMT)
             k_first = k_lo + BLOCK_K
         pdl_wait(PDL)
+        res = 0.0
+        if EARLY_RES:
+            res = tl.load(res_ptr + rm[:, None] * stride_rm + cols[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                          other=0.0)  # fmt: skip
         mean = tl.zeros((BLOCK_M,), tl.float32)
         rstd = mean
         if HAS_LN:
-            mean, rstd = _row_stats(x_rows, m_ok, K, eps, BLOCK_M, BLOCK_S)
+            mean, rstd = _row_stats(x_rows, m_ok, K, eps, BLOCK_M, BLOCK_S, FMT != 2)
         if BLOCK_M < 16:
             acc = _slab(x_rows, w0, g, b, pre, gs, s_ptr, m_ok, cols, n_ok, k_lo, k_hi, mean, rstd, stride_sn, FMT,
                         GROUP, HAS_LN, IEEE, BLOCK_M, BLOCK_K, FMT == 2)  # fmt: skip
@@ -286,7 +319,7 @@ if triton is not None:
             if BLOCK_M >= 16:  # after the loop: the one run that read it first had the int8 lm_head slower
                 channel = tl.load(s_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)
             acc = acc * channel[None, :]
-        return acc
+        return acc, res
 
     @triton.jit
     def _linear_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, bias_ptr, res_ptr, y_ptr, ws_ptr, lock_ptr,
@@ -310,15 +343,16 @@ if triton is not None:
         bias = 0.0
         if HAS_BIAS:  # requested before _matmul_tile waits for the previous kernel: no kernel writes it
             bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, rn, rn < N, N, K, k_lo,
-                           tl.minimum(K, k_lo + slab), eps, stride_xm, stride_wn, stride_wk, stride_sn, FMT, GROUP,
-                           HAS_LN, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S, PDL)  # fmt: skip
+        acc, res = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, res_ptr, rm, m_ok, rn, rn < N, N, K,
+                                k_lo, tl.minimum(K, k_lo + slab), eps, stride_xm, stride_wn, stride_wk, stride_sn,
+                                stride_rm, FMT, GROUP, HAS_LN, False, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S,
+                                HAS_RES and SPLIT_K == 1, PDL)  # fmt: skip
         slot = rm
         if KV:
             slot = tl.load(slots_ptr + rm, mask=m_ok, other=0).to(tl.int64)
         if SPLIT_K == 1:
-            _epilogue(acc, bias, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RES,
-                      kp_ptr, vp_ptr, slot, stride_ps, KV)  # fmt: skip
+            _epilogue(acc, bias, res, y_ptr, rm, rn, ok, N, stride_ym, HAS_BIAS, ACT, HAS_RES, kp_ptr, vp_ptr, slot,
+                      stride_ps, KV)  # fmt: skip
         else:
             parts = ws_ptr + rm[:, None] * N + rn[None, :]
             tl.store(parts + tl.program_id(2) * M * N, acc, mask=ok)
@@ -329,12 +363,15 @@ if triton is not None:
                 for i in tl.static_range(SPLIT_K):
                     acc += tl.load(parts + i * M * N, mask=ok, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(lock, 0)
-                _epilogue(acc, bias, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RES,
-                          kp_ptr, vp_ptr, slot, stride_ps, KV)  # fmt: skip
+                last_res = 0.0
+                if HAS_RES:  # read by the one program that adds it
+                    last_res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=ok, other=0.0)
+                _epilogue(acc, bias, last_res, y_ptr, rm, rn, ok, N, stride_ym, HAS_BIAS, ACT, HAS_RES, kp_ptr,
+                          vp_ptr, slot, stride_ps, KV)  # fmt: skip
 
     @triton.jit
-    def _epilogue(acc, bias, res_ptr, y_ptr, rm, rn, ok, N, stride_rm, stride_ym, HAS_BIAS: tl.constexpr,
-                  ACT: tl.constexpr, HAS_RES: tl.constexpr, kp_ptr, vp_ptr, slot, stride_ps, KV: tl.constexpr):  # fmt: skip
+    def _epilogue(acc, bias, res, y_ptr, rm, rn, ok, N, stride_ym, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                  HAS_RES: tl.constexpr, kp_ptr, vp_ptr, slot, stride_ps, KV: tl.constexpr):  # fmt: skip
         if HAS_BIAS:
             acc += bias[None, :]
         if ACT == 1:
@@ -345,7 +382,7 @@ if triton is not None:
         elif ACT == 3:
             acc = tl.maximum(acc, 0.0)
         if HAS_RES:
-            acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+            acc += res.to(tl.float32)
         y = acc.to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y, mask=ok)
         if KV:  # a fused QKV's K and V thirds are also this step's cache rows (pool slots of heads x dims)
@@ -380,9 +417,9 @@ if triton is not None:
             cols = pos
             if SHORTLIST:
                 cols = tl.load(ids_ptr + pos, mask=valid, other=0)
-            acc = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, rm, m_ok, cols, valid, N, K, 0, K,
-                               eps, stride_xm, stride_wn, stride_wk, stride_sn, FMT, GROUP, HAS_LN, SHORTLIST, IEEE,
-                               BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S, False)  # fmt: skip
+            acc, _ = _matmul_tile(x_ptr, w_ptr, s_ptr, pre_ptr, g_ptr, beta_ptr, x_ptr, rm, m_ok, cols, valid, N, K,
+                                  0, K, eps, stride_xm, stride_wn, stride_wk, stride_sn, 0, FMT, GROUP, HAS_LN,
+                                  SHORTLIST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S, False, False)  # fmt: skip
             keep = valid[None, :]
             if SHORTLIST:
                 row = tl.load(rows_ptr + rm, mask=m_ok, other=0)
