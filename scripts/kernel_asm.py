@@ -4,12 +4,13 @@ GPU time is scarce, and some costs can be read off the compiled kernel: a layout
 round trip through shared memory with barriers, and a load's width says how many trips a tile takes.
 This calls `fused.linear_triton` with CPU tensors of a decoder layer's shape, as the runtime would
 (the same tiles, split-K and specialization), but compiles for --arch instead of launching, and
-prints per format the layout conversions, barriers, global loads, registers and spills of the result.
+prints per format the layout conversions, barriers, global loads, machine instructions after the wait
+for the previous kernel, registers and spills of the result.
 It also catches what Triton's interpreter cannot: code that runs there but does not compile for the
 GPU (the CPU tests compile every row variant of two shapes with it).
 
     python scripts/kernel_asm.py --shapes dense,"cross q" --formats fp16,int8 --rows 1,2
-    python scripts/kernel_asm.py --shapes fc --formats int4 --out /tmp/asm  # + JSON, .ttgir and .ptx
+    python scripts/kernel_asm.py --shapes fc --formats int4 --out /tmp/asm  # + JSON, .ttgir, .ptx, .sass
 """
 
 from __future__ import annotations
@@ -88,22 +89,35 @@ def summary(kernel) -> dict:
         "layout conversions": ttgir.count("ttg.convert_layout"),
         "barriers": len(re.findall(r"\bbar\.sync\b", ptx)),
         "global loads": dict(Counter(re.findall(r"ld\.global[\w.]*", ptx))),
+        "after the wait": after_wait(cuobjdump(kernel.asm["cubin"], "-sass")),
         **resources(kernel.asm["cubin"]),
     }
 
 
-def resources(cubin: bytes) -> dict:
-    """Registers per thread and local (spilled) bytes of the cubin's kernel."""
+def after_wait(sass: str) -> int:
+    """Machine instructions from the wait for the previous kernel (ACQBULK, `griddepcontrol.wait`) to the
+    end, counted in the code (a K loop that one row never enters counts too): the decode step's critical
+    path, which ptxas may lengthen by moving work across the wait. With one-pass LayerNorm statistics,
+    int4's one-row QKV went from 1473 to 1662, and its chain from 2.5 to 2.7-2.8 us a launch."""
+    lines = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass)
+    waits = [i for i, op in enumerate(lines) if "ACQBULK" in op]
+    return len(lines) - waits[0] if waits else 0
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """What Triton's bundled `cuobjdump` prints for the cubin with `flag` (-res-usage, -sass)."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run(
-            [str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True
-        ).stdout
-    usage = dict(re.findall(r"(REG|LOCAL):(\d+)", out))
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(cubin: bytes) -> dict:
+    """Registers per thread and local (spilled) bytes of the cubin's kernel."""
+    usage = dict(re.findall(r"(REG|LOCAL):(\d+)", cuobjdump(cubin, "-res-usage")))
     return {"registers": int(usage["REG"]), "spilled bytes": int(usage["LOCAL"])}
 
 
@@ -114,11 +128,13 @@ def main() -> None:
     ap.add_argument("--formats", default="fp16,int8,int4")
     ap.add_argument("--rows", default="1", help="row counts, e.g. 1,2,20 (each picks its own kernel variant)")
     ap.add_argument(
-        "--out", type=Path, help="also write kernel_asm.json and each kernel's .ttgir and .ptx here"
+        "--out", type=Path, help="also write kernel_asm.json and each kernel's .ttgir, .ptx and .sass here"
     )
     args = ap.parse_args()
-    print("| shape | fmt | rows | layout conversions | barriers | global loads | registers | spilled bytes |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| shape | fmt | rows | layout conversions | barriers | global loads | after the wait | registers | spilled bytes |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for name, rows in itertools.product(args.shapes.split(","), (int(r) for r in args.rows.split(","))):
         n, k, ln, has_bias, act, has_res = SHAPES[name]
@@ -138,13 +154,14 @@ def main() -> None:
             loads = ", ".join(f"{v} {op}" for op, v in sorted(s["global loads"].items()))
             print(
                 f"| {name} | {fmt} | {rows} | {s['layout conversions']} | {s['barriers']} | {loads} | "
-                f"{s['registers']} | {s['spilled bytes']} |"
+                f"{s['after the wait']} | {s['registers']} | {s['spilled bytes']} |"
             )
             if args.out:
                 args.out.mkdir(parents=True, exist_ok=True)
                 stem = f"{name.replace(' ', '_')}-{fmt}-{rows}rows"
                 for ext in ("ttgir", "ptx"):
                     (args.out / f"{stem}.{ext}").write_text(compiled[0].asm[ext])
+                (args.out / f"{stem}.sass").write_text(cuobjdump(compiled[0].asm["cubin"], "-sass"))
     if args.out:
         (args.out / "kernel_asm.json").write_text(json.dumps(results, indent=2) + "\n")
 

@@ -88,7 +88,8 @@ def test_kernel_asm_compiles_every_row_variant_of_the_runtimes_linears_for_hoppe
     """A linear with a LayerNorm (QKV) and one without (the attention output), in every format, at one and
     two rows (register dot products) and at 20 (tl.dot tiles), compiled for sm_90 as `fused.linear_triton`
     would launch them: code that Triton's interpreter runs can still fail to compile for the GPU. Each
-    report counts what the kernel does and the registers it takes, and the PTX is Hopper's."""
+    report counts what the kernel does, the machine code after its wait and the registers it takes, and
+    the PTX is Hopper's."""
     pytest.importorskip("triton")
     run(
         ["scripts/kernel_asm.py", "--shapes", "dense,qkv", "--formats", "fp16,int8,int4", "--rows", "1,2,20",
@@ -107,3 +108,5 @@ def test_kernel_asm_compiles_every_row_variant_of_the_runtimes_linears_for_hoppe
         assert 0 < r["registers"] <= 255 and r["spilled bytes"] >= 0  # read from the cubin
         ptx = (tmp_path / f"{r['shape']}-{r['fmt']}-{r['rows']}rows.ptx").read_text()
         assert ".target sm_90" in ptx and "griddepcontrol.wait" in ptx  # compiled with PDL's wait
+        sass = (tmp_path / f"{r['shape']}-{r['fmt']}-{r['rows']}rows.sass").read_text()
+        assert "ACQBULK" in sass and 0 < r["after the wait"] < sass.count(";")  # the wait, found in SASS
