@@ -81,15 +81,16 @@ def compiling_for(arch: int, compiled: list):
         triton.runtime.driver.set_active(previous)  # reset_active() would look for a GPU
 
 
-def summary(kernel) -> dict:
+def summary(kernel, sass: str) -> dict:
     """Counts in the compiled kernel that cost latency: layout conversions, barriers, global loads by width,
-    and registers per thread and spilled (local) bytes, from the cubin (Triton's bundled `cuobjdump`)."""
+    machine instructions after the wait (in its `sass`), and registers per thread and spilled (local) bytes,
+    from the cubin (Triton's bundled `cuobjdump`)."""
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     return {
         "layout conversions": ttgir.count("ttg.convert_layout"),
         "barriers": len(re.findall(r"\bbar\.sync\b", ptx)),
         "global loads": dict(Counter(re.findall(r"ld\.global[\w.]*", ptx))),
-        "after the wait": after_wait(cuobjdump(kernel.asm["cubin"], "-sass")),
+        "after the wait": after_wait(sass),
         **resources(kernel.asm["cubin"]),
     }
 
@@ -149,7 +150,8 @@ def main() -> None:
             compiled: list = []
             with compiling_for(args.arch, compiled):
                 fused.linear_triton(x, weights(fmt, n, k, "cpu"), n, **kw)
-            s = summary(compiled[0])
+            sass = cuobjdump(compiled[0].asm["cubin"], "-sass")
+            s = summary(compiled[0], sass)
             results.append({"shape": name, "fmt": fmt, "rows": rows, "arch": args.arch, **s})
             loads = ", ".join(f"{v} {op}" for op, v in sorted(s["global loads"].items()))
             print(
@@ -161,7 +163,7 @@ def main() -> None:
                 stem = f"{name.replace(' ', '_')}-{fmt}-{rows}rows"
                 for ext in ("ttgir", "ptx"):
                     (args.out / f"{stem}.{ext}").write_text(compiled[0].asm[ext])
-                (args.out / f"{stem}.sass").write_text(cuobjdump(compiled[0].asm["cubin"], "-sass"))
+                (args.out / f"{stem}.sass").write_text(sass)
     if args.out:
         (args.out / "kernel_asm.json").write_text(json.dumps(results, indent=2) + "\n")
 
