@@ -2,7 +2,7 @@
 
 A decode step multiplies a few rows by every weight matrix, so each layer costs a launch and
 a pass over its weights; the LayerNorm, bias, GELU and residual add around it cost launches of
-their own. `linear` folds them into the matmul: the LayerNorm into its prologue at one or two rows
+their own. `linear` folds them into the matmul: the LayerNorm into its prologue up to `REGISTER_ROWS` rows
 (every program recomputes its rows' statistics, small next to the weight slab it streams; from
 `NORM_FIRST_ROWS` rows the norm runs first, as its own launch), the rest into its epilogue.
 Weights stay in the checkpoint's layout and are dequantized in registers:
@@ -13,7 +13,7 @@ Weights stay in the checkpoint's layout and are dequantized in registers:
 | INT8 (W8A16) | int8 [K, N], stored K-contiguous at load (`quant.kernel_layout`) | per output channel [N] |
 | INT4 (W4A16_AWQ) | int8 [N/2, K], rows 2j / 2j+1 in the low / high nibble | [N, K/group], and AWQ input scales [K] (on x, or on the weight tile in registers) |
 
-One row (batch 1), and up to `REGISTER_ROWS`, takes register dot products over narrow slabs of the
+One row (batch 1), and up to `REGISTER_ROWS`, takes register dot products over a narrow slab of the
 whole K instead of `tl.dot`, which needs 16 rows, and requests its weights, bias, scales and
 LayerNorm weights before it waits for the previous kernel (`kernels.pdl_wait`), so a layer's
 weights stream in while the layer before it finishes. More rows take `tl.dot` tiles. A
@@ -70,11 +70,12 @@ MAX_ROWS = {FLOAT: 16, INT8: 128, INT4: 128}
 RESIDUAL_MAX_ROWS = {FLOAT: 64}
 LM_HEAD_MAX_ROWS = 256
 # Up to this many rows (a power of two below 16), a linear takes register dot products of each row with
-# narrow weight slabs requested before the previous kernel ends, as one row does; tl.dot needs 16 rows.
-# Blocks of fewer than 16 rows are what selects that path, in the kernel and in `_tiles`. On the
-# H200 (graph replays, fp16): 2 rows 0.85 -> 0.63 ms a step; 4 rows 0.87 -> 0.99 and 8 rows 0.90 -> 2.26
-# with it, so those keep tl.dot.
-REGISTER_ROWS = 2
+# a narrow slab of its whole K requested before the previous kernel ends, as one row does; tl.dot needs 16
+# rows. Blocks of fewer than 16 rows are what selects that path, in the kernel and in `_tiles`. On the H200
+# (fp16 graph replays, `replay-two-row-slab.json`), with the whole K in one slab: 2 rows 0.507 -> 0.436 ms a
+# step (two slabs: 0.85 -> 0.63 against tl.dot in an older tree), 4 rows 0.668 -> 0.568 against tl.dot with
+# the norm first (four slabs of 256 had been slower, 0.87 -> 0.99; 8 rows 0.90 -> 2.26, not re-run).
+REGISTER_ROWS = 4
 # From this many rows (wherever tl.dot tiles run) a linear's LayerNorm runs as its own launch before it:
 # inside, every output tile reads all rows twice more for the statistics. On the H200, norm-first at 16 / 64
 # rows (the launch included): fp16 QKV 9.3 -> 8.1 / 15.1 -> 8.9 us, int4 QKV 19.6 -> 11.0 / 30.8 -> 14.6,
@@ -531,17 +532,18 @@ def _stats_block(bm: int, bk: int, k: int) -> int:
 def _tiles(w: Weights, n: int, k: int, bm: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, warps): the fastest measured on the H100 (`scripts/bench_kernels.py --sweep`).
 
-    One row reads narrow tiles of the whole K (int4: 2048 of it, unmeasured at 4096), so that each program's
-    weights arrive in one or two trips; the 16-row tiles were swept at one row, before one row had its own
+    Up to `REGISTER_ROWS` rows read narrow tiles of the whole K (up to 4096), so that all of a program's
+    weights are requested before the wait; the 16-row tiles were swept at one row, before one row had its own
     path. (Float tiles of 16 columns time faster alone on the H200, QKV 4.3 -> 3.8 us, but the step's graph
     0.471 -> 0.530 ms.)"""
-    if bm < 16:  # register dot products: the one-row tile's registers, spread over the rows
-        if k > 1024:  # FFN output: its whole K of 4096 in one slab, on the H200 fp16 4.4-5.1 -> 3.5 us and
-            # int8 4.8 -> 3.1 at one row, int4's one row too (its chain 3.0 -> 2.7 us a launch with the AWQ fold);
-            # two rows keep 2048 (unmeasured at 4096)
-            whole = w.fmt == FLOAT or bm == 1
-            return 4, (min(triton.next_power_of_2(k), 4096) if whole else 2048) // bm, 8
-        return (8 if w.fmt == INT4 else 4), 1024 // bm, 4
+    if bm < 16:  # register dot products over the whole K: at two rows, slabs of half of it (K <= 1024) or of
+        # 2048 / 1024 (the FFN output) requested the rest after the wait. On the H200 at two rows, weights from HBM,
+        # us (`replay-two-row-slab.json`): QKV fp16 6.0 -> 5.3, int8 5.0 -> 5.7, int4 5.2 -> 3.9; attention output
+        # 3.3 / 3.1 / 3.3 -> 2.4 / 2.0 / 1.8; FFN output 5.4 / 6.4 / 7.2 -> 4.6 / 5.4 / 5.3; fc 6.5 / 8.4 / 5.7 ->
+        # 6.4 / 6.7 / 6.3
+        if k > 1024:  # FFN output, one row: fp16 4.4-5.1 -> 3.5 us, int8 4.8 -> 3.1 on the H200; int4 too
+            return 4, min(triton.next_power_of_2(k), 4096), 8
+        return (8 if w.fmt == INT4 else 4), 1024, 4
     if w.fmt == INT4:
         return 32, min(64, w.group), 4
     if w.fmt == INT8:
