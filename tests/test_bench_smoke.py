@@ -86,10 +86,10 @@ def test_profile_smoke_splits_the_loop_and_idle_gaps_go_to_the_host_phase(tmp_pa
 
 def test_kernel_asm_compiles_every_row_variant_of_the_runtimes_linears_for_hopper_without_a_gpu(tmp_path):
     """A linear with a LayerNorm (QKV) and one without (the attention output), in every format, at one and
-    four rows (register dot products, up to `fused.REGISTER_ROWS`) and at 20 (tl.dot tiles), compiled for sm_90 as `fused.linear_triton`
-    would launch them: code that Triton's interpreter runs can still fail to compile for the GPU. Each
-    report counts what the kernel does, the machine code after its wait and the registers it takes, and
-    the PTX is Hopper's."""
+    four rows (register dot products, up to `fused.REGISTER_ROWS`) and at 20 (tl.dot tiles), compiled for
+    sm_90 as `fused.linear_triton` would launch them: code that Triton's interpreter runs can still fail to
+    compile for the GPU. Each report counts what the kernel does, the machine code after its wait and the
+    registers it takes, and the PTX is Hopper's."""
     pytest.importorskip("triton")
     run(
         ["scripts/kernel_asm.py", "--shapes", "dense,qkv", "--formats", "fp16,int8,int4", "--rows", "1,4,20",
