@@ -9,6 +9,10 @@ an engine step there (cProfile).
 
     python scripts/profile_step.py --out out/profile          # GPU machine, mBART-large shape
     python scripts/profile_step.py --smoke --out /tmp/prof    # tiny model on CPU
+    python scripts/profile_step.py --quant int4_awq --replay-only   # int4 graphs at every row bucket
+
+--quant quantizes the random checkpoint weight-only by round-to-nearest (`calib.rtn`), as
+`scripts/bench.py --variants int4_awq=rtn` does: the same kernels and bytes as a calibrated one.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from calib.rtn import quantize_checkpoint_rtn  # noqa: E402
 from convert.__main__ import convert_checkpoint  # noqa: E402
 from convert.tiny import LARGE_DIMS, build_tiny_mbart  # noqa: E402
 from scripts.bench import graph_replay_ms, run_engine, scratch_dir, sync, workload  # noqa: E402
@@ -162,6 +167,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/profile"))
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (no kernel table)")
     ap.add_argument("--ckpt", type=Path, help="a converted checkpoint (default: random mBART-large, fp16)")
+    ap.add_argument("--quant", choices=["int8_wo", "int4_awq"], help="quantize the random checkpoint (RTN)")
     ap.add_argument("--rows", type=int, default=64, help="concurrent requests for the host profile")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--kernel-rows", default="1,64", help="row buckets whose graphs' kernels are listed")
@@ -177,6 +183,10 @@ def main() -> None:
         hf = build_tiny_mbart(work / "hf", **({} if args.smoke else LARGE_DIMS))
         ckpt = work / "ckpt"
         convert_checkpoint(str(hf), ckpt, 1, "float32" if args.smoke else "float16", progress=False)
+        if args.quant:
+            ckpt = quantize_checkpoint_rtn(ckpt, work / args.quant, args.quant)
+    elif args.quant:
+        ap.error("--quant applies to the random checkpoint; give --ckpt a quantized checkpoint instead")
     tr = Translator.load(ckpt, device=device, max_batch_size=args.rows)
     tr.engine.warm_up()  # every graph and encoder kernel, so that the host profile compiles nothing
     if args.replay_only and cuda:
@@ -184,7 +194,14 @@ def main() -> None:
         return
     items = workload(tr.tokenizer, 2 * args.rows)
     run_engine(tr, items[: args.rows], args.rows, 4)
-    report: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": args.rows}
+    quant_algo = (
+        json.loads((ckpt / "decoder" / "config.json").read_text()).get("quantization", {}).get("quant_algo")
+    )
+    report: dict = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "rows": args.rows,
+        "quant_algo": quant_algo,
+    }
     if cuda:
         report["replay_ms"] = replay_times(tr)
         rows = [r for r in map(int, args.kernel_rows.split(",")) if (r, 1) in tr.engine.runner.graphs]

@@ -84,6 +84,15 @@ def test_profile_smoke_splits_the_loop_and_idle_gaps_go_to_the_host_phase(tmp_pa
     assert abs(t["device_busy_ms"] - 0.32) < 1e-9 and t["span_ms"] == 1.4
 
 
+def test_profile_quantizes_the_random_checkpoint_it_profiles(tmp_path):
+    """--quant profiles an RTN checkpoint of the random model (for the int8/int4 decode graphs' replays on a GPU;
+    int4's groups of 128 inputs are wider than the tiny model)."""
+    run(["scripts/profile_step.py", "--smoke", "--quant", "int8_wo", "--rows", "2", "--new-tokens", "2", "--out",
+         str(tmp_path)], tmp_path)  # fmt: skip
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["quant_algo"] == "W8A16" and report["host_split"]["tokens_per_s"] > 0
+
+
 def test_kernel_asm_compiles_every_row_variant_of_the_runtimes_linears_for_hopper_without_a_gpu(tmp_path):
     """A linear with a LayerNorm (QKV) and one without (the attention output), in every format, at one and
     four rows (register dot products, up to `fused.REGISTER_ROWS`) and at 20 (tl.dot tiles), compiled for
