@@ -104,12 +104,26 @@ def synthetic_shortlist(ckpt: Path, vocab: int, size: int, seed: int = 0) -> Non
     shortlist.write(ckpt, lists, vocab, {"source": f"synthetic, {size} random tokens per language"})
 
 
+def level_requests(concurrency: int, rounds: int) -> int:
+    """Requests a closed loop at this concurrency serves: `rounds` per client, and at least 8. At 2, a runtime
+    level runs for well under a second, and its tokens/s varies by about 10% between runs; more rounds run it
+    longer, with more latencies behind its percentiles."""
+    return max(rounds * concurrency, 8)
+
+
 def workload(tok, n: int) -> list[tuple[list[int], list[int]]]:
+    """n requests (encoder ids, decoder prefix) of real sentences, the same number from each language of LANGS."""
     per = -(-n // len(LANGS))
     items = []
     for lang in LANGS:
-        for s in read_lines(test_pair_paths(f"{lang}-en")[0], per):
-            items.append((tok.encode([s], tok.language(lang))[0], tok.decoder_prefix(tok.language("en"))))
+        lines = read_lines(test_pair_paths(f"{lang}-en")[0], per)
+        if len(lines) < per:
+            raise SystemExit(
+                f"{n} requests need {per} sentences per language; the {lang}-en test set has {len(lines)}"
+            )
+        items += [
+            (tok.encode([s], tok.language(lang))[0], tok.decoder_prefix(tok.language("en"))) for s in lines
+        ]
     return items[:n]
 
 
@@ -256,7 +270,7 @@ def checkpoint(variant: str, hf_dir: Path, work: Path, tp_size: int, args: argpa
 
 
 def run_backend(ckpt: Path, tp_size: int, device: torch.device, dtype: torch.dtype | None, shortlist: bool,
-                items, levels: list[int], new_tokens: int) -> dict:  # fmt: skip
+                items, levels: list[int], new_tokens: int, rounds: int) -> dict:  # fmt: skip
     """A contender served as the server serves it (`PytorchBackend`: the engine on its own thread, ranks
     past the first in worker processes, one GPU each, NCCL; gloo on CPU), in closed loops of asyncio
     clients. The batch-1 step time is a lone request's time between its first and last token over its
@@ -299,7 +313,7 @@ def run_backend(ckpt: Path, tp_size: int, device: torch.device, dtype: torch.dty
             c = {"step_ms_batch1": 1e3 * statistics.median(steps), "levels": {}, "tokens": {}}
             for level in levels:
                 await loop(items[:level], level)  # warm up at this concurrency
-                c["levels"][str(level)], tokens = await loop(items[: max(2 * level, 8)], level)
+                c["levels"][str(level)], tokens = await loop(items[: level_requests(level, rounds)], level)
                 c["tokens"] |= tokens
             return c
         finally:
@@ -319,9 +333,11 @@ def tp_contenders(args: argparse.Namespace, hf_dir: Path, work: Path, device: to
             label = f"runtime {variant.partition('=')[0]}, TP={tp_size}"
             try:
                 ckpt, flags, dtype, _ = checkpoint(variant, hf_dir, work, tp_size, args)
-                items = workload(TranslationTokenizer(ckpt), max(levels) * 2 if not args.smoke else 8)
+                items = workload(
+                    TranslationTokenizer(ckpt), max(level_requests(lv, args.rounds) for lv in levels)
+                )
                 runs[tp_size] = run_backend(ckpt, tp_size, device, dtype, "shortlist" in flags, items, levels,
-                                            args.new_tokens)  # fmt: skip
+                                            args.new_tokens, args.rounds)  # fmt: skip
                 report["contenders"][label] = {k: v for k, v in runs[tp_size].items() if k != "tokens"}
             except Exception as e:  # one failing contender must not lose the others' numbers
                 print(f"contender {label} failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -360,6 +376,9 @@ def main() -> None:
     ap.add_argument("--shortlist-size", type=int, default=32000,
                     help="tokens per language of +shortlist contenders (the full vocabulary is 250054)")  # fmt: skip
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate contender")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="requests per client at each concurrency level (at least 8 a level); the results "
+                    "under scripts/results/ used 2")  # fmt: skip
     ap.add_argument("--tp-size", type=int, default=1,
                     help="above 1: run each variant through the server's backend at TP=1 and at this many ranks "
                     "(one GPU each), reporting whether their tokens are identical")  # fmt: skip
@@ -375,7 +394,7 @@ def main() -> None:
               "torch": torch.__version__, "new_tokens": args.new_tokens, "copy_bandwidth_GBps": bandwidth / 1e9,
               "command": " ".join(sys.argv), "contenders": {},
               "env": {k: v for k, v in os.environ.items() if k.startswith("MT_")}}  # fmt: skip
-    n_items = max(levels) * 2 if not args.smoke else 8
+    n_items = max(level_requests(level, args.rounds) for level in levels)
 
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -398,7 +417,9 @@ def main() -> None:
                  "floor_ms": step_bytes / bandwidth * 1e3, "levels": {}}  # fmt: skip
             for level in levels:
                 run_engine(tr, items[:level], level, 4)  # warm up at this concurrency
-                c["levels"][str(level)] = run_engine(tr, items[: max(2 * level, 8)], level, args.new_tokens)
+                c["levels"][str(level)] = run_engine(
+                    tr, items[: level_requests(level, args.rounds)], level, args.new_tokens
+                )
             d = tr.decoder.cfg
             per_seq = tr.engine.pool.blocks_for(256) + tr.engine.pool.blocks_for(32)
             per_block = KVPool.bytes_per_block(
@@ -442,9 +463,8 @@ def main() -> None:
             with sdpa_kernel(backends) if backends else contextlib.nullcontext():
                 run_hf(model, pad, items[:2], 2, 4, device)  # warm-up
                 for level in levels:
-                    c["levels"][str(level)] = run_hf(
-                        model, pad, items[: max(2 * level, 8)], level, args.new_tokens, device
-                    )
+                    batch = items[: level_requests(level, args.rounds)]
+                    c["levels"][str(level)] = run_hf(model, pad, batch, level, args.new_tokens, device)
             c["step_ms_batch1"] = 1e3 / c["levels"][str(levels[0])]["tokens_per_s"]  # includes the encoder
             if device.type == "cuda":
                 c["peak_gpu_mem_GB"] = torch.cuda.max_memory_allocated(device) / 1e9

@@ -27,14 +27,17 @@ def run(args: list[str], tmp: Path) -> None:
 
 
 def test_bench_smoke_writes_table_json_and_plot(tmp_path):
-    run(["scripts/bench.py", "--smoke", "--variants", "float32,int8_wo=rtn,float32+shortlist", "--out",
-         str(tmp_path)], tmp_path)  # fmt: skip
+    """Every contender serves each level's requests (--rounds per client, at least 8), 8 new tokens each."""
+    run(["scripts/bench.py", "--smoke", "--variants", "float32,int8_wo=rtn,float32+shortlist", "--rounds", "3",
+         "--out", str(tmp_path)], tmp_path)  # fmt: skip
     report = json.loads((tmp_path / "bench.json").read_text())
     runtime = {"runtime float32", "runtime int8_wo", "runtime float32+shortlist"}
     assert set(report["contenders"]) == runtime | {"HF generate fp16", "HF generate fp16, no cuDNN SDPA"}
     for name, c in report["contenders"].items():
         assert "error" not in c, name
-        assert all(level["tokens_per_s"] > 0 for level in c["levels"].values())
+        assert {lv: level["requests"] for lv, level in c["levels"].items()} == {"1": 8, "4": 12}, name
+        for level in c["levels"].values():
+            assert round(level["tokens_per_s"] * level["wall_s"]) == 8 * level["requests"], name
     assert (
         report["contenders"]["runtime int8_wo"]["weight_bytes"]
         < report["contenders"]["runtime float32"]["weight_bytes"]
