@@ -150,11 +150,12 @@ def kernel_cases(device: str):
     """(dtype, shapes, relative tolerance): model-sized in half precision on the GPU, small in the interpreter."""
     if device == "cuda":
         return [(dt, [(1, 3072, 1024), (1, 1024, 4096), (2, 1024, 1024), (3, 1024, 4096), (4, 3072, 1024),
-                      (7, 1024, 4096), (12, 1024, 1024), (64, 4096, 1024), (100, 3072, 1024)], 1e-2)
+                      (7, 1024, 4096), (12, 1024, 1024), (20, 1024, 4096), (64, 1024, 4096), (100, 3072, 1024)], 1e-2)
                 for dt in (torch.float16, torch.bfloat16)]  # fmt: skip
     # rows: one, two and three (register dot products up to `fused.REGISTER_ROWS`, masked at three; also over
-    # K > 1024: the FFN output's one slab of the whole K, masked); tl.dot tiles of 16 (masked) and 64
-    shapes = [(1, 96, 256), (1, 16, 1536), (2, 64, 384), (3, 16, 1536), (5, 64, 384), (12, 48, 128), (70, 32, 128)]  # fmt: skip
+    # K > 1024: the FFN output's one slab of the whole K, masked); tl.dot tiles of 16, 32 and 64 rows (masked)
+    shapes = [(1, 96, 256), (1, 16, 1536), (2, 64, 384), (3, 16, 1536), (5, 64, 384), (12, 48, 128), (24, 64, 256),
+              (70, 32, 128)]  # fmt: skip
     return [(torch.float32, shapes, 1e-5)]
 
 

@@ -544,10 +544,15 @@ def _tiles(w: Weights, n: int, k: int, bm: int) -> tuple[int, int, int]:
         if k > 1024:  # FFN output, one row: fp16 4.4-5.1 -> 3.5 us, int8 4.8 -> 3.1 on the H200; int4 too
             return 4, min(triton.next_power_of_2(k), 4096), 8
         return (8 if w.fmt == INT4 else 4), 1024, 4
+    # tl.dot tiles of int4 and int8 from a sweep of 32 and 64 rows on the H200, then kept only where whole decode
+    # graphs got faster (`kernels-int-dot-tiles-sweep.json`, `replay-int-dot-tiles.json`): int4's 32-row graph
+    # 0.986 -> 0.940 ms with 64 columns (8 and 16 rows got 12% slower with them, 64 rows 5%); int8's 64 / 128-row
+    # graphs 0.905 / 1.291 -> 0.869 / 1.250 with 32 columns where N <= 2048 (its FFN output alone 11.9 -> 8.5 us;
+    # the 32-row graph got 12% slower with them)
     if w.fmt == INT4:
-        return 32, min(64, w.group), 4
+        return (64 if bm == 32 else 32), min(64, w.group), 4
     if w.fmt == INT8:
-        return (16, 1024, 4) if n <= 2048 else (32, 512, 4)
+        return (16, 1024, 4) if n <= 2048 and bm < 64 else (32, 512, 4)
     return (16, 512, 4) if n <= 2048 else (32, 256, 4)
 
 
