@@ -118,7 +118,23 @@ def test_kernel_asm_compiles_every_row_variant_of_the_runtimes_linears_for_hoppe
     for r in report:
         assert r["global loads"] and r["barriers"] > 0 and r["layout conversions"] >= 0
         assert 0 < r["registers"] <= 255 and r["spilled bytes"] >= 0  # read from the cubin
+        if r["rows"] == 1:  # the batch-1 step's kernels keep everything in registers
+            assert r["spilled bytes"] == 0, r
         ptx = (tmp_path / f"{r['shape']}-{r['fmt']}-{r['rows']}rows.ptx").read_text()
         assert ".target sm_90" in ptx and "griddepcontrol.wait" in ptx  # compiled with PDL's wait
         sass = (tmp_path / f"{r['shape']}-{r['fmt']}-{r['rows']}rows.sass").read_text()
         assert "ACQBULK" in sass and 0 < r["after the wait"] < sass.count(";")  # the wait, found in SASS
+
+
+def test_kernel_asm_counts_spills_in_the_stack_frame_as_spilled():
+    """ptxas puts a Triton kernel's spills in its stack frame, not in local memory: both count. (In a
+    subprocess: importing kernel_asm turns Triton's interpreter off for the process.)"""
+    pytest.importorskip("triton")
+    usage = "Function _linear_kernel:\n  REG:32 STACK:3512 SHARED:1024 LOCAL:8 CONSTANT[0]:696 TEXTURE:0\n"
+    code = (
+        "from scripts import kernel_asm\n"
+        f"kernel_asm.cuobjdump = lambda cubin, flag: {usage!r}\n"
+        "print(kernel_asm.resources(b''))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "{'registers': 32, 'spilled bytes': 3520}"
