@@ -101,7 +101,7 @@ def test_kernel_asm_compiles_every_row_variant_of_the_runtimes_linears_for_hoppe
     four rows (register dot products, up to `fused.REGISTER_ROWS`) and at 20 (tl.dot tiles), compiled for
     sm_90 as `fused.linear_triton` would launch them: code that Triton's interpreter runs can still fail to
     compile for the GPU. Each report counts what the kernel does, the machine code after its wait and the
-    registers it takes, and the PTX is Hopper's."""
+    registers it takes (one row spills none), and the PTX is Hopper's."""
     pytest.importorskip("triton")
     run(
         ["scripts/kernel_asm.py", "--shapes", "dense,qkv", "--formats", "fp16,int8,int4", "--rows", "1,4,20",

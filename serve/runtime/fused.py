@@ -74,8 +74,8 @@ LM_HEAD_MAX_ROWS = 256
 # rows. Blocks of fewer than 16 rows are what selects that path, in the kernel and in `_tiles`. On the H200
 # (fp16 graph replays, `replay-two-row-slab.json`), with the whole K in one slab: 2 rows 0.507 -> 0.436 ms a
 # step (two slabs: 0.85 -> 0.63 against tl.dot in an older tree), 4 rows 0.668 -> 0.568 against tl.dot with
-# the norm first (four slabs of 256 had been slower, 0.87 -> 0.99). Eight rows on this path: 0.686 -> 0.837 ms
-# (`replay-register-rows-8-whole-k.json`), and their int8 / int4 kernels spill (`scripts/kernel_asm.py --rows 8`).
+# the norm first (four slabs of 256 had been slower, 0.87 -> 0.99). Eight rows on this path: the 8-row graph
+# 0.686 -> 0.837 ms (`replay-register-rows-8-whole-k.json`); int8 / int4 kernels spill (`kernel_asm.py --rows 8`).
 REGISTER_ROWS = 4
 # From this many rows (wherever tl.dot tiles run) a linear's LayerNorm runs as its own launch before it:
 # inside, every output tile reads all rows twice more for the statistics. On the H200, norm-first at 16 / 64
