@@ -323,9 +323,9 @@ def run_backend(ckpt: Path, tp_size: int, device: torch.device, dtype: torch.dty
 
 
 def tp_contenders(args: argparse.Namespace, hf_dir: Path, work: Path, device: torch.device, levels: list[int],
-                  report: dict, save) -> list:  # fmt: skip
+                  n_items: int, report: dict, save) -> list:  # fmt: skip
     """Each variant through the server's backend at TP=1 and TP=--tp-size, on the same machine, with
-    whether the TP run's tokens equal TP=1's."""
+    whether the TP run's tokens equal TP=1's; `n_items` requests, enough for the largest level."""
     items: list = []
     for variant in args.variants.split(","):
         runs = {}
@@ -333,9 +333,7 @@ def tp_contenders(args: argparse.Namespace, hf_dir: Path, work: Path, device: to
             label = f"runtime {variant.partition('=')[0]}, TP={tp_size}"
             try:
                 ckpt, flags, dtype, _ = checkpoint(variant, hf_dir, work, tp_size, args)
-                items = workload(
-                    TranslationTokenizer(ckpt), max(level_requests(lv, args.rounds) for lv in levels)
-                )
+                items = workload(TranslationTokenizer(ckpt), n_items)
                 runs[tp_size] = run_backend(ckpt, tp_size, device, dtype, "shortlist" in flags, items, levels,
                                             args.new_tokens, args.rounds)  # fmt: skip
                 report["contenders"][label] = {k: v for k, v in runs[tp_size].items() if k != "tokens"}
@@ -445,7 +443,7 @@ def main() -> None:
             }
         save()
     if args.tp_size > 1:
-        items = tp_contenders(args, hf_dir, work, device, levels, report, save)
+        items = tp_contenders(args, hf_dir, work, device, levels, n_items, report, save)
 
     if not args.no_hf:
         from transformers import AutoTokenizer, MBartForConditionalGeneration

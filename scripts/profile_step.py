@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calib.rtn import quantize_checkpoint_rtn  # noqa: E402
 from convert.__main__ import convert_checkpoint  # noqa: E402
+from convert.checkpoint import read_config  # noqa: E402
 from convert.tiny import LARGE_DIMS, build_tiny_mbart  # noqa: E402
 from scripts.bench import graph_replay_ms, run_engine, scratch_dir, sync, workload  # noqa: E402
 from serve.engine.core import Engine  # noqa: E402
@@ -194,9 +195,7 @@ def main() -> None:
         return
     items = workload(tr.tokenizer, 2 * args.rows)
     run_engine(tr, items[: args.rows], args.rows, 4)
-    quant_algo = (
-        json.loads((ckpt / "decoder" / "config.json").read_text()).get("quantization", {}).get("quant_algo")
-    )
+    quant_algo = (read_config(ckpt / "decoder").get("quantization") or {}).get("quant_algo")
     report: dict = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "rows": args.rows,
