@@ -375,8 +375,8 @@ def main() -> None:
                     help="tokens per language of +shortlist contenders (the full vocabulary is 250054)")  # fmt: skip
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate contender")
     ap.add_argument("--rounds", type=int, default=2,
-                    help="requests per client at each concurrency level (at least 8 a level); the results "
-                    "under scripts/results/ used 2")  # fmt: skip
+                    help="requests per client at each concurrency level (at least 8 a level); README's table "
+                    "used 4")  # fmt: skip
     ap.add_argument("--tp-size", type=int, default=1,
                     help="above 1: run each variant through the server's backend at TP=1 and at this many ranks "
                     "(one GPU each), reporting whether their tokens are identical")  # fmt: skip

@@ -195,7 +195,8 @@ def linears(args: argparse.Namespace, m: int) -> list[dict]:
 
 
 def lm_heads(args: argparse.Namespace, m: int) -> list[dict]:
-    """The lm_head top-K at m rows over the vocabulary and over a shortlist, fused and unfused."""
+    """The lm_head top-K at m rows over the vocabulary and over a shortlist, fused and unfused, and over the
+    shortlist's number of rows stored contiguously (what reading them costs without the gather)."""
     results = []
     norm = torch.nn.LayerNorm(HIDDEN, device="cuda", dtype=torch.float16)
     blocked = torch.zeros(m, dtype=torch.long, device="cuda")
@@ -206,16 +207,24 @@ def lm_heads(args: argparse.Namespace, m: int) -> list[dict]:
     topks = [int(t) for t in args.topk.split(",")]
     configs = [(None, None, None)]
     if args.sweep:
-        configs += list(itertools.product((128, 256), (64, 128), (4, 8)))
+        configs += list(itertools.product((32, 64, 128, 256), (64, 128), (4, 8)))
     for fmt in args.formats.split(","):
-        w = weights(fmt, VOCAB, HIDDEN)
+        copies = [weights(fmt, VOCAB, HIDDEN) for _ in range(2)]  # a shortlist's rows of one would stay in L2
+        w = copies[0]
         for (bn, bk, warps), sl, topk in itertools.product(configs, (None, short), topks):
-            us = try_graph_us([partial(fused.lm_head_topk_triton, x, w, VOCAB, topk, 2, blocked, norm, sl,
-                                       block_n=bn, block_k=bk, num_warps=warps)])  # fmt: skip
+            us = try_graph_us([partial(fused.lm_head_topk_triton, x, c, VOCAB, topk, 2, blocked, norm, sl,
+                                       block_n=bn, block_k=bk, num_warps=warps) for c in copies])  # fmt: skip
             name = f"lm_head+top{topk}" + ("" if sl is None else f", shortlist {args.shortlist}")
             if us is not None:
-                results.append({"rows": m, "shape": name, "fmt": fmt, "us": us, "GBps": nbytes(w) / us / 1e3,
+                read = nbytes(w) * (1 if sl is None else args.shortlist / VOCAB)
+                results.append({"rows": m, "shape": name, "fmt": fmt, "us": us, "GBps": read / us / 1e3,
                                 "impl": f"fused bn={bn} bk={bk} warps={warps}"})  # fmt: skip
+        rows = [weights(fmt, args.shortlist, HIDDEN) for _ in range(4)]  # the shortlist's rows, contiguous
+        for topk in topks:
+            us = graph_us([partial(fused.lm_head_topk_triton, x, c, args.shortlist, topk, 2, blocked, norm)
+                           for c in rows])  # fmt: skip
+            results.append({"rows": m, "shape": f"lm_head+top{topk}, {args.shortlist} contiguous rows", "fmt": fmt,
+                            "us": us, "GBps": nbytes(rows[0]) / us / 1e3, "impl": "fused"})  # fmt: skip
         if fmt == "fp16":
             us = graph_us([partial(fused.lm_head_topk_reference, x, w, VOCAB, 8, 2, blocked, norm)])
             results.append({"rows": m, "shape": "lm_head+topk", "fmt": fmt, "impl": "torch (cuBLAS)",

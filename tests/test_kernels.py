@@ -470,8 +470,8 @@ def test_topk_over_vocabulary_shards_matches_the_whole_vocabulary(with_shortlist
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
 @pytest.mark.parametrize("rows", [[0, 1, 0, 1, 0], [1, 2, 0, 1, 3]], ids=["subset", "whole-vocab"])
 def test_lm_head_topk_over_shortlist(fmt, rows, topk, kernel_device):
-    """Only the union of the rows' tokens is read (tiles past it write empty partials); each row's
-    top-K and its normalization cover its own tokens."""
+    """Only the union of the rows' tokens is read (tiles past it do nothing); each row's top-K and its
+    normalization cover its own tokens."""
     from serve.runtime import fused
 
     m, vocab, k = (5, 250054, 1024) if kernel_device == "cuda" else (5, 300, 128)
@@ -492,6 +492,26 @@ def test_lm_head_topk_over_shortlist(fmt, rows, topk, kernel_device):
     assert (got_v[live] - ref_v[live, :topk]).abs().max().item() < tol
     if dtype == torch.float32:
         assert torch.equal(got_i[live], ref_i[live, :topk])
+
+
+def test_topk_merge_reads_only_the_tiles_a_shortlist_reaches(kernel_device):
+    """Tiles past a shortlist's end write nothing, so their partials are whatever an earlier step left;
+    the merge must take its normalization and its candidates from the tiles the count reaches alone."""
+    from serve.runtime import fused, kernels
+
+    dev = kernel_device
+    pmax = torch.tensor([[1.0, 2.0, 50.0, 60.0]], device=dev)  # tiles 2 and 3: stale
+    psum = torch.ones(1, 4, device=dev)
+    cval = torch.tensor([[1.0, 0.5, 2.0, 1.5, 50.0, 49.0, 60.0, 59.0]], device=dev)
+    cidx = torch.tensor([[10, 11, 20, 21, 30, 31, 40, 41]], dtype=torch.int32, device=dev)
+    count = torch.tensor([5], dtype=torch.int32, device=dev)  # 5 tokens in tiles of 4: two tiles
+    values = torch.empty(1, 2, device=dev)
+    ids = torch.empty(1, 2, dtype=torch.long, device=dev)
+    fused._topk_merge_kernel[(1,)](pmax, psum, cval, cidx, values, ids, ids, count, 4, 0, 4, SHORTLIST=True,
+                                   TOPK=2, BLOCK_T=4, BLOCK_C=8, **kernels.pdl_args(pmax))  # fmt: skip
+    lse = torch.logsumexp(torch.tensor([1.0, 2.0]), 0)
+    assert ids.tolist() == [[20, 21]]
+    assert torch.allclose(values.cpu(), torch.tensor([[2.0, 1.5]]) - lse)
 
 
 @pytest.mark.parametrize("shortlist", [False, True], ids=["vocab", "shortlist"])

@@ -404,7 +404,6 @@ if triton is not None:
         # softmax partial and its TOPK best, with EOS masked where blocked and, under a shortlist,
         # each row's tokens outside its own list masked too.
         pdl_start(PDL)
-        pdl_wait(PDL)  # before anything: even the tiles past a shortlist's end write
         tile = tl.program_id(0)
         tiles = tl.num_programs(0)
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -412,9 +411,10 @@ if triton is not None:
         pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         count = N
         if SHORTLIST:
-            count = tl.load(count_ptr)
+            count = tl.load(count_ptr)  # the host's upload, not a kernel's output: read before the wait
         out = rm * (tiles * TOPK) + tile * TOPK
-        if tile * BLOCK_N < count:
+        if tile * BLOCK_N < count:  # a tile past a shortlist's end does nothing; the merge skips it
+            pdl_wait(PDL)
             valid = pos < count
             cols = pos
             if SHORTLIST:
@@ -444,35 +444,33 @@ if triton is not None:
                 tl.store(cidx_ptr + out + i, idx, mask=m_ok)
                 if i + 1 < TOPK:
                     sel = tl.where(lanes[None, :] == best[:, None], float("-inf"), sel)
-        else:  # past the shortlist's end: a partial that changes nothing
-            tl.store(pmax_ptr + rm * tiles + tile, tl.full((BLOCK_M,), float("-inf"), tl.float32), mask=m_ok)
-            tl.store(psum_ptr + rm * tiles + tile, tl.zeros((BLOCK_M,), tl.float32), mask=m_ok)
-            for i in tl.static_range(TOPK):
-                tl.store(cval_ptr + out + i, tl.full((BLOCK_M,), float("-inf"), tl.float32), mask=m_ok)
-                tl.store(cidx_ptr + out + i, tl.zeros((BLOCK_M,), tl.int32), mask=m_ok)
 
     @triton.jit
-    def _topk_merge_kernel(pmax_ptr, psum_ptr, cval_ptr, cidx_ptr, val_ptr, idx_ptr, top1_ptr, TILES, TOP1_ROWS,
-                           TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                           PDL: tl.constexpr):  # fmt: skip
+    def _topk_merge_kernel(pmax_ptr, psum_ptr, cval_ptr, cidx_ptr, val_ptr, idx_ptr, top1_ptr, count_ptr, TILES,
+                           TOP1_ROWS, TILE_N, SHORTLIST: tl.constexpr, TOPK: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_C: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         # One row per program: log-sum-exp of the tiles' partials, then the TOPK best candidates; the
-        # first TOP1_ROWS rows' best id also goes to top1.
+        # first TOP1_ROWS rows' best id also goes to top1. Under a shortlist only the tiles its count
+        # reaches wrote anything.
         pdl_start(PDL)
         pdl_wait(PDL)
         row = tl.program_id(0)
+        active = TILES
+        if SHORTLIST:
+            active = tl.minimum(tl.cdiv(tl.load(count_ptr), TILE_N), TILES)
         t = tl.arange(0, BLOCK_T)
-        pmax = tl.load(pmax_ptr + row * TILES + t, mask=t < TILES, other=float("-inf"))
-        psum = tl.load(psum_ptr + row * TILES + t, mask=t < TILES, other=0.0)
+        pmax = tl.load(pmax_ptr + row * TILES + t, mask=t < active, other=float("-inf"))
+        psum = tl.load(psum_ptr + row * TILES + t, mask=t < active, other=0.0)
         top = tl.max(pmax, axis=0)
         top = tl.where(top == float("-inf"), 0.0, top)  # a row that may emit nothing gets -inf values
         lse = top + tl.log(tl.maximum(tl.sum(psum * tl.exp(pmax - top), axis=0), 1.0))  # the sum is >= 1
         c = tl.arange(0, BLOCK_C)
         n = TILES * TOPK
-        cand = tl.load(cval_ptr + row * n + c, mask=c < n, other=float("-inf"))
+        cand = tl.load(cval_ptr + row * n + c, mask=c < active * TOPK, other=float("-inf"))
         for i in tl.static_range(TOPK):
             best = tl.argmax(cand, axis=0)
             tl.store(val_ptr + row * TOPK + i, tl.max(cand, axis=0) - lse)
-            idx = tl.load(cidx_ptr + row * n + best).to(tl.int64)
+            idx = tl.load(cidx_ptr + row * n + best, mask=best < active * TOPK, other=0).to(tl.int64)
             tl.store(idx_ptr + row * TOPK + i, idx)
             if i == 0:
                 tl.store(top1_ptr + row, idx, mask=row < TOP1_ROWS)
@@ -791,9 +789,9 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
     values = torch.empty(m, k, dtype=torch.float32, device=x.device)
     ids = torch.empty(m, k, dtype=torch.long, device=x.device)
     block_c = triton.next_power_of_2(tiles * k)
-    _topk_merge_kernel[(m,)](pmax, psum, cval, cidx, values, ids, ids if top1 is None else top1, tiles,
-                             0 if top1 is None else min(m, len(top1)), TOPK=k,
-                             BLOCK_T=triton.next_power_of_2(tiles), BLOCK_C=block_c,
+    _topk_merge_kernel[(m,)](pmax, psum, cval, cidx, values, ids, ids if top1 is None else top1, sl.count, tiles,
+                             0 if top1 is None else min(m, len(top1)), block_n, SHORTLIST=shortlist is not None,
+                             TOPK=k, BLOCK_T=triton.next_power_of_2(tiles), BLOCK_C=block_c,
                              num_warps=max(1, min(16, block_c // 1024)), **kernels.pdl_args(x))  # fmt: skip
     return values, ids
 
