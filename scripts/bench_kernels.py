@@ -219,12 +219,12 @@ def lm_heads(args: argparse.Namespace, m: int) -> list[dict]:
                 read = nbytes(w) * (1 if sl is None else args.shortlist / VOCAB)
                 results.append({"rows": m, "shape": name, "fmt": fmt, "us": us, "GBps": read / us / 1e3,
                                 "impl": f"fused bn={bn} bk={bk} warps={warps}"})  # fmt: skip
-        rows = [weights(fmt, args.shortlist, HIDDEN) for _ in range(4)]  # the shortlist's rows, contiguous
+        contiguous = [weights(fmt, args.shortlist, HIDDEN) for _ in range(4)]  # as many rows as the shortlist
         for topk in topks:
             us = graph_us([partial(fused.lm_head_topk_triton, x, c, args.shortlist, topk, 2, blocked, norm)
-                           for c in rows])  # fmt: skip
+                           for c in contiguous])  # fmt: skip
             results.append({"rows": m, "shape": f"lm_head+top{topk}, {args.shortlist} contiguous rows", "fmt": fmt,
-                            "us": us, "GBps": nbytes(rows[0]) / us / 1e3, "impl": "fused"})  # fmt: skip
+                            "us": us, "GBps": nbytes(contiguous[0]) / us / 1e3, "impl": "fused"})  # fmt: skip
         if fmt == "fp16":
             us = graph_us([partial(fused.lm_head_topk_reference, x, w, VOCAB, 8, 2, blocked, norm)])
             results.append({"rows": m, "shape": "lm_head+topk", "fmt": fmt, "impl": "torch (cuBLAS)",
