@@ -370,24 +370,32 @@ def test_fused_layernorm_statistics_of_rows_far_from_zero(fmt, kernel_device):
         assert ((got - ref).norm() / ref.norm()).item() < 1e-3
 
 
+def lm_head_case(fmt: str, m: int, device: str, seed: int):
+    """(vocab, weights with padded rows past it, x [m, hidden], a LayerNorm that is not the identity, so
+    that where the norm runs matters) at mBART's size on the GPU, small in the interpreter."""
+    vocab, k = (250054, 1024) if device == "cuda" else (300, 128)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    w = random_weights(fmt, vocab + 2, k, device, dtype)
+    x = (4 * torch.randn(m, k, generator=g) + 3).to(device, dtype)
+    norm = torch.nn.LayerNorm(k, device=device, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(k, generator=g) + 0.5)
+        norm.bias.copy_(torch.rand(k, generator=g) - 0.5)
+    return vocab, w, x, norm
+
+
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("topk", [1, 8])
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
 def test_lm_head_topk_matches_log_softmax_topk(fmt, topk, m, kernel_device):
     """Top-1 (what greedy steps ask for) and top-8 (beam search) agree with the reference's first K, for
-    one row (LayerNorm inside the kernel) and several (normalized before it); each row's best id also
-    lands in `top1`, as far as it goes."""
+    one row and several (over the whole vocabulary, both normalized by a LayerNorm launch before the
+    kernel); each row's best id also lands in `top1`, as far as it goes."""
     from serve.runtime import fused
 
-    vocab, k = (250054, 1024) if kernel_device == "cuda" else (300, 128)
-    dtype = torch.float16 if kernel_device == "cuda" else torch.float32
-    g = torch.Generator().manual_seed(2)
-    w = random_weights(fmt, vocab + 2, k, kernel_device, dtype)  # padded rows past the vocabulary
-    x = (4 * torch.randn(m, k, generator=g) + 3).to(kernel_device, dtype)
-    norm = torch.nn.LayerNorm(k, device=kernel_device, dtype=dtype)
-    with torch.no_grad():  # not the identity, so that where the norm runs matters
-        norm.weight.copy_(torch.rand(k, generator=g) + 0.5)
-        norm.bias.copy_(torch.rand(k, generator=g) - 0.5)
+    vocab, w, x, norm = lm_head_case(fmt, m, kernel_device, seed=2)
+    dtype = x.dtype
     blocked = torch.tensor([1, 0, 1, 1, 0][:m], device=kernel_device)
     x32, w32, kw32 = as_float32(x, w, {"norm": norm})
     ref_v, ref_i = fused.lm_head_topk_reference(x32, w32, vocab, 8, 3, blocked, **kw32)
@@ -466,26 +474,26 @@ def test_topk_over_vocabulary_shards_matches_the_whole_vocabulary(with_shortlist
     assert not (ids[blocked.bool()] == eos).any()
 
 
+@pytest.mark.parametrize("m", [1, 5], ids=["one-row", "several-rows"])
 @pytest.mark.parametrize("topk", [1, 8])
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
 @pytest.mark.parametrize("rows", [[0, 1, 0, 1, 0], [1, 2, 0, 1, 3]], ids=["subset", "whole-vocab"])
-def test_lm_head_topk_over_shortlist(fmt, rows, topk, kernel_device):
+def test_lm_head_topk_over_shortlist(fmt, rows, topk, m, kernel_device):
     """Only the union of the rows' tokens is read (tiles past it do nothing); each row's top-K and its
-    normalization cover its own tokens."""
+    normalization cover its own tokens. One row, as a batch-1 step runs it, takes the final LayerNorm
+    inside the kernel; several are normalized first."""
     from serve.runtime import fused
 
-    m, vocab, k = (5, 250054, 1024) if kernel_device == "cuda" else (5, 300, 128)
-    dtype = torch.float16 if kernel_device == "cuda" else torch.float32
-    g = torch.Generator().manual_seed(4)
-    w = random_weights(fmt, vocab + 2, k, kernel_device, dtype)
-    x = (4 * torch.randn(m, k, generator=g)).to(kernel_device, dtype)
-    blocked = torch.tensor([0, 1, 0, 1, 1], device=kernel_device)
-    sl = fused.Shortlist.of(random_shortlist(vocab, kernel_device), torch.tensor(rows, device=kernel_device))
-    live = torch.tensor(rows, device=kernel_device) != 3  # the empty row has no distribution
-    x32, w32, _ = as_float32(x, w, {})
-    ref_v, ref_i = fused.lm_head_topk_reference(x32, w32, vocab, 8, 3, blocked, shortlist=sl)
+    vocab, w, x, norm = lm_head_case(fmt, m, kernel_device, seed=4)
+    dtype = x.dtype
+    blocked = torch.tensor([0, 1, 0, 1, 1][:m], device=kernel_device)
+    rows = torch.tensor(rows[:m], device=kernel_device)
+    sl = fused.Shortlist.of(random_shortlist(vocab, kernel_device), rows)
+    live = rows != 3  # the empty row has no distribution
+    x32, w32, kw32 = as_float32(x, w, {"norm": norm})
+    ref_v, ref_i = fused.lm_head_topk_reference(x32, w32, vocab, 8, 3, blocked, shortlist=sl, **kw32)
     got_v, got_i = fused.lm_head_topk_triton(
-        x, w, vocab, topk, 3, blocked, shortlist=sl, block_n=None if dtype != torch.float32 else 32
+        x, w, vocab, topk, 3, blocked, norm, sl, block_n=None if dtype != torch.float32 else 32
     )
     assert sl.mask(vocab)[live].gather(1, got_i[live]).all()
     tol = 1e-4 if dtype == torch.float32 else 3e-2

@@ -22,9 +22,10 @@ loop (the FFN output, every int4 layer), `_split_k` splits K across programs, an
 of each tile sums the partials in a fixed order, so results stay deterministic.
 The self-attention QKV projection also stores its K and V thirds in the paged cache (`KVOut`).
 
-`lm_head_topk_triton` runs the final LayerNorm and the lm_head the same way, but never writes the
-[rows, vocab] logits: each program reduces its vocabulary tile to a softmax partial (max, sum
-of exponentials) and its local top-K, and a small merge gives each row's top-K log-probabilities.
+`lm_head_topk_triton` runs the lm_head the same way (with the final LayerNorm inside only for one row
+over a shortlist), but never writes the [rows, vocab] logits: each program reduces its vocabulary
+tile to a softmax partial (max, sum of exponentials) and its local top-K, and a small merge gives
+each row's top-K log-probabilities.
 `embed` runs the embeddings' lookups, scale, sum and LayerNorm as one launch.
 
 All three fall back to the PyTorch composition they are tested against (`*_reference`) off CUDA,
@@ -759,19 +760,29 @@ def lm_head_topk_triton(x: torch.Tensor, w: Weights, vocab: int, k: int, eos_id:
     over each row's shortlist where one is given (log-probabilities normalized over it). Each row's best id
     also goes to `top1`, as far as it goes.
 
-    Several rows are normalized first, by one LayerNorm launch: in the kernel, each of the ~1000
-    vocabulary tiles would read all rows twice more for their statistics (at 64 rows on the H200,
-    as much traffic as the weights themselves)."""
-    x, norm = _norm_first(x, norm, 2)  # the vocabulary has far more tiles than a linear
+    The LayerNorm runs first, as its own launch: in the kernel, each of the ~1000 vocabulary tiles would
+    read all rows twice more for their statistics (at 64 rows on the H200, as much traffic as the weights
+    themselves), and each tile waits for them before it requests its weights. Even at one row a launch
+    costs less over the whole vocabulary (on the H200: fp16 137.7 -> 129.8 us, int8 123.7 -> 99.3; the
+    fp16 batch-1 step 0.381 -> 0.372 ms). Only one row over a shortlist, whose few hundred tiles are
+    bound by their latency, keeps it inside (one launch first: fp16 31.1 -> 32.0 us, int8 27.5 -> 33.8)."""
+    x, norm = _norm_first(x, norm, 1 if shortlist is None else 2)
     x2, s, pre, g, beta, eps, sn = _common(x, w, norm)
     m, kdim = x2.shape
     # measured best on the H100 at one row: wide float tiles with 8 warps; 128 x 128 (x 64 for int4)
     float_tiles = w.fmt == FLOAT
     block_n = block_n or (256 if float_tiles else 128)
     bm = max(16, _block_m(m))  # one-row register dot products measured 3-5x slower over these wide tiles
-    block_k = _cap_k(bm, block_n, block_k or (128 if w.fmt != INT4 else min(64, w.group)), x.element_size())
-    # int8 over a shortlist: 8 warps, 35 -> 28 us at one row on the H200 (over the whole vocabulary 4 stay faster)
-    num_warps = num_warps or (8 if float_tiles or (w.fmt == INT8 and shortlist is not None) else 4)
+    # Over a shortlist on the H200: int8 with 8 warps, 35 -> 28 us at one row (over the whole vocabulary its
+    # 4 warps stay faster); int4 up to 16 rows with 8 warps and a whole group per K step, top-1 / top-8 over
+    # 32 000 tokens 39.0 / 52.8 -> 30.2 / 44.6 us at one row, 38.0 / 50.4 -> 30.8 / 44.0 at 16 rows (at 64
+    # rows 47.7 / 87.3 -> 55.2 / 73.5)
+    wide_int4 = w.fmt == INT4 and shortlist is not None and bm == 16
+    int4_k = min(128 if wide_int4 else 64, w.group)
+    block_k = _cap_k(bm, block_n, block_k or (int4_k if w.fmt == INT4 else 128), x.element_size())
+    num_warps = num_warps or (
+        8 if float_tiles or wide_int4 or (w.fmt == INT8 and shortlist is not None) else 4
+    )
     tiles = triton.cdiv(vocab, block_n)
     pmax = torch.empty(m, tiles, dtype=torch.float32, device=x.device)
     psum = torch.empty_like(pmax)
