@@ -7,7 +7,10 @@ sentences of several languages from the shared data. Every contender generates e
 Reported per contender: decode step time at batch 1 next to the memory-bandwidth floor
 (decoder weight bytes read per step / measured copy bandwidth), generated tokens/s and
 p50/p99 latency and time to first token at each concurrency (closed loop), peak GPU memory,
-weight memory, and KV-pool capacity. Writes bench.json and bench.png to --out.
+weight memory, and KV-pool capacity. Each level and the batch-1 step are measured --repeats times:
+a level of a few hundred requests runs for under a second, and one run's tokens/s can be 20% off
+the next one's, so the report gives the median run and every run's tokens/s beside it.
+Writes bench.json and bench.png to --out.
 
     python scripts/bench.py --out out/bench                 # GPU machine
     python scripts/bench.py --smoke --out /tmp/bench        # tiny model on CPU (a test runs this)
@@ -109,6 +112,21 @@ def level_requests(concurrency: int, rounds: int) -> int:
     level runs for well under a second, and its tokens/s varies by about 10% between runs; more rounds run it
     longer, with more latencies behind its percentiles."""
     return max(rounds * concurrency, 8)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the upper one of an even count), with every run's tokens/s,
+    ascending, as `tokens_per_s_runs`: the spread says how far one run's numbers can be trusted."""
+    runs = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return runs[len(runs) // 2] | {"tokens_per_s_runs": [r["tokens_per_s"] for r in runs]}
+
+
+def spread(c: dict) -> float:
+    """The widest (max - min) / median of a contender's tokens/s over its levels."""
+    return max(
+        (max(lv["tokens_per_s_runs"]) - min(lv["tokens_per_s_runs"])) / lv["tokens_per_s"]
+        for lv in c["levels"].values()
+    )
 
 
 def workload(tok, n: int) -> list[tuple[list[int], list[int]]]:
@@ -222,9 +240,13 @@ def plot(report: dict, path: Path) -> None:
         if "error" in c:
             continue
         xs = sorted(int(k) for k in c["levels"])
-        a.plot(xs, [c["levels"][str(x)]["tokens_per_s"] for x in xs], marker="o", label=name)
+        levels = [c["levels"][str(x)] for x in xs]
+        mid = [lv["tokens_per_s"] for lv in levels]
+        low = [m - min(lv["tokens_per_s_runs"]) for lv, m in zip(levels, mid, strict=True)]
+        high = [max(lv["tokens_per_s_runs"]) - m for lv, m in zip(levels, mid, strict=True)]
+        a.errorbar(xs, mid, yerr=[low, high], marker="o", capsize=3, label=name)
     a.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="generated tokens/s",
-          title="Throughput vs concurrency")  # fmt: skip
+          title="Throughput vs concurrency (median, bars: min-max of runs)")  # fmt: skip
     a.legend()
     names = [n for n, c in report["contenders"].items() if "error" not in c]
     b.bar(
@@ -270,11 +292,11 @@ def checkpoint(variant: str, hf_dir: Path, work: Path, tp_size: int, args: argpa
 
 
 def run_backend(ckpt: Path, tp_size: int, device: torch.device, dtype: torch.dtype | None, shortlist: bool,
-                items, levels: list[int], new_tokens: int, rounds: int) -> dict:  # fmt: skip
+                items, levels: list[int], new_tokens: int, rounds: int, repeats: int) -> dict:  # fmt: skip
     """A contender served as the server serves it (`PytorchBackend`: the engine on its own thread, ranks
     past the first in worker processes, one GPU each, NCCL; gloo on CPU), in closed loops of asyncio
     clients. The batch-1 step time is a lone request's time between its first and last token over its
-    steps. `tokens` are every request's ids (by item), to compare across TP degrees."""
+    steps. `tokens` are every request's ids (by item, one list a run), to compare across TP degrees."""
     from serve.engine.async_engine import PytorchBackend
 
     params = SamplingParams(min_new_tokens=new_tokens, max_new_tokens=new_tokens)
@@ -313,8 +335,10 @@ def run_backend(ckpt: Path, tp_size: int, device: torch.device, dtype: torch.dty
             c = {"step_ms_batch1": 1e3 * statistics.median(steps), "levels": {}, "tokens": {}}
             for level in levels:
                 await loop(items[:level], level)  # warm up at this concurrency
-                c["levels"][str(level)], tokens = await loop(items[: level_requests(level, rounds)], level)
-                c["tokens"] |= tokens
+                runs = [await loop(items[: level_requests(level, rounds)], level) for _ in range(repeats)]
+                c["levels"][str(level)] = median_run([stats for stats, _ in runs])
+                for _, tokens in runs:  # every run's, in order: the other TP degree's must be the same
+                    c["tokens"] |= {i: [*c["tokens"].get(i, []), t] for i, t in tokens.items()}
             return c
         finally:
             await backend.shutdown()
@@ -335,7 +359,7 @@ def tp_contenders(args: argparse.Namespace, hf_dir: Path, work: Path, device: to
                 ckpt, flags, dtype, _ = checkpoint(variant, hf_dir, work, tp_size, args)
                 items = workload(TranslationTokenizer(ckpt), n_items)
                 runs[tp_size] = run_backend(ckpt, tp_size, device, dtype, "shortlist" in flags, items, levels,
-                                            args.new_tokens, args.rounds)  # fmt: skip
+                                            args.new_tokens, args.rounds, args.repeats)  # fmt: skip
                 report["contenders"][label] = {k: v for k, v in runs[tp_size].items() if k != "tokens"}
             except Exception as e:  # one failing contender must not lose the others' numbers
                 print(f"contender {label} failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -377,6 +401,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2,
                     help="requests per client at each concurrency level (at least 8 a level); README's table "
                     "used 4")  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="closed loops per level (and lone requests timed for the batch-1 step); the median "
+                    "is reported, with every run's tokens/s beside it")  # fmt: skip
     ap.add_argument("--tp-size", type=int, default=1,
                     help="above 1: run each variant through the server's backend at TP=1 and at this many ranks "
                     "(one GPU each), reporting whether their tokens are identical")  # fmt: skip
@@ -408,15 +435,18 @@ def main() -> None:
                                  look_ahead="no_look_ahead" not in flags)  # fmt: skip
             tr.engine.warm_up()
             items = workload(tr.tokenizer, n_items)
-            step = step_time_batch1(tr, items[0], args.new_tokens)
+            steps = sorted(step_time_batch1(tr, items[0], args.new_tokens) for _ in range(args.repeats))
+            step = steps[len(steps) // 2]
             share = (size + len(items[0][0])) / tr.decoder.cfg.vocab_size if "shortlist" in flags else 1.0
             step_bytes = decoder_step_bytes(tr.decoder, share)
-            c = {"step_ms_batch1": step * 1e3, "graph_ms_batch1": graph_replay_ms(tr), "weight_bytes_per_step": step_bytes,
+            c = {"step_ms_batch1": step * 1e3, "step_ms_batch1_runs": [s * 1e3 for s in steps],
+                 "graph_ms_batch1": graph_replay_ms(tr), "weight_bytes_per_step": step_bytes,
                  "floor_ms": step_bytes / bandwidth * 1e3, "levels": {}}  # fmt: skip
             for level in levels:
                 run_engine(tr, items[:level], level, 4)  # warm up at this concurrency
-                c["levels"][str(level)] = run_engine(
-                    tr, items[: level_requests(level, args.rounds)], level, args.new_tokens
+                batch = items[: level_requests(level, args.rounds)]
+                c["levels"][str(level)] = median_run(
+                    [run_engine(tr, batch, level, args.new_tokens) for _ in range(args.repeats)]
                 )
             d = tr.decoder.cfg
             per_seq = tr.engine.pool.blocks_for(256) + tr.engine.pool.blocks_for(32)
@@ -462,7 +492,10 @@ def main() -> None:
                 run_hf(model, pad, items[:2], 2, 4, device)  # warm-up
                 for level in levels:
                     batch = items[: level_requests(level, args.rounds)]
-                    c["levels"][str(level)] = run_hf(model, pad, batch, level, args.new_tokens, device)
+                    runs = [
+                        run_hf(model, pad, batch, level, args.new_tokens, device) for _ in range(args.repeats)
+                    ]
+                    c["levels"][str(level)] = median_run(runs)
             c["step_ms_batch1"] = 1e3 / c["levels"][str(levels[0])]["tokens_per_s"]  # includes the encoder
             if device.type == "cuda":
                 c["peak_gpu_mem_GB"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -474,8 +507,8 @@ def main() -> None:
           f"new tokens {args.new_tokens}")  # fmt: skip
     nan = float("nan")
     cols = ["contender", "step ms b=1", "GPU ms b=1", "GB read/step", "floor ms"]
-    cols += [f"tok/s @{lv}" for lv in levels] + ["p50 / p99 s @64", "TTFT p50 s @64", "weights GB", "peak GB"]
-    cols += ["KV seqs of 256"]
+    cols += [f"tok/s @{lv}" for lv in levels] + ["tok/s spread", "p50 / p99 s @64", "TTFT p50 s @64"]
+    cols += ["weights GB", "peak GB", "KV seqs of 256"]
     print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
     for name, c in report["contenders"].items():
         if "error" in c:
@@ -484,7 +517,7 @@ def main() -> None:
         at64 = c["levels"].get("64", {})
         cells = [name, c["step_ms_batch1"], c.get("graph_ms_batch1", nan), c.get("weight_bytes_per_step", nan) / 1e9,
                  c.get("floor_ms", nan)]  # fmt: skip
-        cells += [c["levels"][str(lv)]["tokens_per_s"] for lv in levels]
+        cells += [c["levels"][str(lv)]["tokens_per_s"] for lv in levels] + [f"{spread(c):.0%}"]
         cells += [f"{at64.get('p50_latency_s', nan):.3g} / {at64.get('p99_latency_s', nan):.3g}",
                   at64.get("p50_ttft_s", nan), c.get("weight_bytes", nan) / 1e9, c.get("peak_gpu_mem_GB", nan),
                   c.get("kv_capacity_seqs_256", nan)]  # fmt: skip

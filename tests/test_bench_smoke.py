@@ -27,9 +27,10 @@ def run(args: list[str], tmp: Path) -> None:
 
 
 def test_bench_smoke_writes_table_json_and_plot(tmp_path):
-    """Every contender serves each level's requests (--rounds per client, at least 8), 8 new tokens each."""
+    """Every contender serves each level's requests (--rounds per client, at least 8), 8 new tokens each,
+    --repeats times, and reports the median run with every run's tokens/s."""
     run(["scripts/bench.py", "--smoke", "--variants", "float32,int8_wo=rtn,float32+shortlist", "--rounds", "3",
-         "--out", str(tmp_path)], tmp_path)  # fmt: skip
+         "--repeats", "3", "--out", str(tmp_path)], tmp_path)  # fmt: skip
     report = json.loads((tmp_path / "bench.json").read_text())
     runtime = {"runtime float32", "runtime int8_wo", "runtime float32+shortlist"}
     assert set(report["contenders"]) == runtime | {"HF generate fp16", "HF generate fp16, no cuDNN SDPA"}
@@ -38,6 +39,11 @@ def test_bench_smoke_writes_table_json_and_plot(tmp_path):
         assert {lv: level["requests"] for lv, level in c["levels"].items()} == {"1": 8, "4": 12}, name
         for level in c["levels"].values():
             assert round(level["tokens_per_s"] * level["wall_s"]) == 8 * level["requests"], name
+            runs = level["tokens_per_s_runs"]
+            assert len(runs) == 3 and runs == sorted(runs) and level["tokens_per_s"] == runs[1], name
+    for name in runtime:
+        steps = report["contenders"][name]["step_ms_batch1_runs"]
+        assert len(steps) == 3 and report["contenders"][name]["step_ms_batch1"] == sorted(steps)[1], name
     assert (
         report["contenders"]["runtime int8_wo"]["weight_bytes"]
         < report["contenders"]["runtime float32"]["weight_bytes"]
@@ -50,13 +56,14 @@ def test_bench_smoke_writes_table_json_and_plot(tmp_path):
 def test_bench_tp_mode_serves_each_variant_at_tp1_and_tp2_with_the_same_tokens(tmp_path):
     """--tp-size 2 runs the variant through the server's backend at one and at two ranks (gloo here, NCCL
     on GPUs) and reports whether the two generated the same tokens."""
-    run(["scripts/bench.py", "--smoke", "--tp-size", "2", "--variants", "float32", "--no-hf", "--out",
-         str(tmp_path)], tmp_path)  # fmt: skip
+    run(["scripts/bench.py", "--smoke", "--tp-size", "2", "--variants", "float32", "--no-hf", "--repeats", "2",
+         "--out", str(tmp_path)], tmp_path)  # fmt: skip
     report = json.loads((tmp_path / "bench.json").read_text())
     tp1, tp2 = report["contenders"]["runtime float32, TP=1"], report["contenders"]["runtime float32, TP=2"]
     for c in (tp1, tp2):
         assert "error" not in c and c["step_ms_batch1"] > 0
         assert set(c["levels"]) == {"1", "4"} and all(lv["tokens_per_s"] > 0 for lv in c["levels"].values())
+        assert all(len(lv["tokens_per_s_runs"]) == 2 for lv in c["levels"].values())
     assert tp2["tokens_identical_to_tp1"] is True
 
 
