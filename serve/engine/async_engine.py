@@ -138,7 +138,7 @@ def _abort_running(engine: Engine) -> list[str]:
 
 def _leave_group(engine: Engine | None) -> None:
     if engine is not None:
-        engine.runner.release_graphs()
+        engine.release_graphs()
     tp.leave()
 
 

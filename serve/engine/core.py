@@ -3,9 +3,9 @@
 Each step (1) admits waiting requests while their KV blocks can be reserved and the step's
 token budget (`max_num_tokens`) and row budget (`max_batch_size`) allow, (2) launches one
 decoder step for every beam admitted before (requests new to decoding feed their forced prefix,
-the others their last token), (3) while the device runs it, launches the encoder once over the
-packed, unpadded sources of the newly admitted requests and their cross-attention K/V writes
-(their decoding starts next step), and (4) advances each request's search with the top-K of
+the others their last token), (3) while the device runs it, launches one encoder pass over the
+sources of the newly admitted requests and their cross-attention K/V writes (`EncodeRunner`: a
+CUDA graph for a few sources, else packed and unpadded; their decoding starts next step), and (4) advances each request's search with the top-K of
 the decoder step launched before, freeing the blocks of requests that finished.
 
 So the host's work of a step (admission, building the next step, the search) overlaps the
@@ -39,6 +39,7 @@ from serve.engine.request import GenerationRequest, GenerationResult, SamplingPa
 from serve.engine.search import Hypotheses
 from serve.runtime import fused
 from serve.runtime.decode_step import HOST_TOKEN, DecodeRunner, LaunchedStep
+from serve.runtime.encode_step import EncodeRunner
 from serve.runtime.kv_cache import KVPool
 from serve.runtime.model import Decoder, Encoder, EncoderBatch
 from serve.runtime.shortlist import VocabShortlist
@@ -144,6 +145,10 @@ class Engine:
             use_graphs=config.cuda_graphs and self.device.type == "cuda",
             compile=config.compile, shortlist=shortlist is not None,
         )  # fmt: skip
+        self.encode_runner = EncodeRunner(
+            encoder, decoder, self.pool, config.max_batch_size, self.max_positions,
+            padded=config.cuda_graphs and self.device.type == "cuda",
+        )  # fmt: skip
         self.waiting: OrderedDict[str, GenerationRequest] = OrderedDict()
         self.running: OrderedDict[str, _Running] = OrderedDict()
         self.inflight: _Launched | None = None  # launched by the last step, collected by the next
@@ -154,15 +159,21 @@ class Engine:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile every kernel variant a request can meet before the first one arrives (on CUDA):
-        each bucket's decode graph, and the encoder at the lengths that reach every variant of the
-        fused linears (`fused.row_variants`)."""
+        each bucket's decode and encoder graph, and the eager encoder at the lengths that reach every
+        variant of the fused linears (`fused.row_variants`)."""
         self.runner.capture_graphs()
+        self.encode_runner.capture_graphs()
         if self.device.type != "cuda":
             return
         longest = min(max(fused.MAX_ROWS.values()), self.max_positions, self.config.max_num_tokens)
         for n in fused.row_variants(longest):
             ids = upload([self.eos_id] * n, self.device)
             self.encoder(EncoderBatch(ids, upload(list(range(n)), self.device), [n]))
+
+    def release_graphs(self) -> None:
+        """Destroy the decode and encoder graphs (`DecodeRunner.release_graphs` says why TP needs it)."""
+        self.runner.release_graphs()
+        self.encode_runner.release_graphs()
 
     @staticmethod
     def max_useful_blocks(config: EngineConfig, max_positions: int) -> int:
@@ -313,19 +324,9 @@ class Engine:
                     self._fail(run, out)
 
     def _encode_batch(self, runs: list[_Running]) -> None:
-        lens = [len(r.req.encoder_ids) for r in runs]
-        dev = self.device
-        batch = EncoderBatch(
-            tokens=upload([t for r in runs for t in r.req.encoder_ids], dev),
-            positions=upload([p for n in lens for p in range(n)], dev),
-            seq_lens=lens,
-        )
-        enc_out = self.encoder(batch)
-        slots = upload(
-            [s for r, n in zip(runs, lens, strict=True) for s in self.pool.slots(r.cross_blocks, 0, n)], dev
-        )
-        for layer, (k, v) in enumerate(self.decoder.cross_kv(enc_out)):
-            self.pool.write(layer, slots, k, v)
+        sources = [r.req.encoder_ids for r in runs]
+        slots = [self.pool.slots(r.cross_blocks, 0, len(s)) for r, s in zip(runs, sources, strict=True)]
+        self.encode_runner.run(sources, slots)
 
     def _live(self, run: _Running) -> bool:
         """Still running (not finished, failed or aborted since it was launched)."""

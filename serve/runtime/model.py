@@ -141,6 +141,17 @@ class PackedLayout:
         mask = (torch.arange(max(seq_lens), device=device)[None, :] < lens[:, None])[:, None, None, :]
         return cls(seq_idx, pos_in_seq, mask, n, max(seq_lens))
 
+    @classmethod
+    def grid(cls, lens: torch.Tensor, length: int) -> PackedLayout:
+        """Sequences each padded to `length` tokens, one after the other; `lens` [B] on the device says
+        how many are real (their keys alone are attended to). Nothing here reads `lens` on the host,
+        so a CUDA graph can replay it with other lengths."""
+        n, dev = lens.numel(), lens.device
+        seq_idx = torch.arange(n, device=dev).repeat_interleave(length)
+        pos_in_seq = torch.arange(length, device=dev).repeat(n)
+        mask = (torch.arange(length, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        return cls(seq_idx, pos_in_seq, mask, n, length)
+
 
 def packed_attention(qkv: torch.Tensor, layout: PackedLayout, scale: float) -> torch.Tensor:
     """Bidirectional attention within each packed sequence: q, k, v [T, 3, h, d] -> [T, h, d].
@@ -275,8 +286,13 @@ class Encoder(nn.Module):
 
     def forward(self, batch: EncoderBatch) -> torch.Tensor:
         """Packed [T, hidden] encoder output."""
-        x = self.transformer.embed(batch.tokens, batch.positions)
-        layout = PackedLayout.of(batch.seq_lens, x.device)
+        return self.encode(
+            batch.tokens, batch.positions, PackedLayout.of(batch.seq_lens, batch.tokens.device)
+        )
+
+    def encode(self, tokens: torch.Tensor, positions: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """[T, hidden] output of tokens laid out as `layout` says (packed, or padded to a grid)."""
+        x = self.transformer.embed(tokens, positions)
         for layer in self.transformer.layers:
             x = layer(x, layout)
         return self.transformer.ln_f(x)
