@@ -1,14 +1,15 @@
-"""The encoder passes over newly admitted sources, with their cross-attention K/V written to the pool,
-replayed as CUDA graphs where they fit one.
+"""One encoder pass over newly admitted sources, with their cross-attention K/V written to the pool,
+replayed as a CUDA graph where the sources fit one.
 
 Run eagerly, a pass launches about 200 kernels from Python: on the H200 that took about 8 ms of host
 time for one 24-token sentence whose kernels take 0.65 ms, and the engine step that admits a request
-waits for it before it launches the next decode step. So on CUDA the sources go into padded grids of
-a (sources, length) bucket, shortest first, each grid as full as the largest bucket allows, and each
-grid replays that bucket's graph (`PackedLayout.grid`: padding keys are masked, so real tokens see what
-a packed pass shows them). A grid's inputs arrive in one copy, and its padding tokens' K/V go to the
-pool's scratch block, which no sequence reads. Sources longer than the longest bucket take one eager
-pass over their packed, unpadded tokens.
+waits for it before it launches the next decode step. So on CUDA, a pass of up to `SOURCES[-1]` sources
+of up to `LENGTHS[-1]` tokens replays a graph captured per (sources, length) bucket instead: each source
+is padded to the bucket's length in a [sources, length] grid (`PackedLayout.grid`: padding keys are
+masked, so real tokens see what a packed pass shows them), its inputs arrive in one copy, and the
+padding tokens' K/V go to the pool's scratch block, which no sequence reads. Larger passes run eagerly
+over their packed, unpadded tokens: filling grids of up to 64 sources with them instead made fp16 at
+128 concurrent requests slower (the performance log, session ending at this module's first commit).
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from serve.runtime.kv_cache import KVPool
 from serve.runtime.model import Decoder, Encoder, PackedLayout
 from serve.runtime.transfer import upload
 
-SOURCES = (1, 2, 4, 8, 16, 32, 64)
+SOURCES = (1, 2, 4, 8)
 LENGTHS = (16, 32, 64, 128, 256)
-GRID_TOKENS = 2048  # the most (padded) tokens a graph's grid holds
 
 
 def buckets(sizes: tuple[int, ...], limit: int) -> list[int]:
@@ -43,42 +43,28 @@ class EncodeRunner:
 
     def run(self, sources: list[list[int]], slots: list[list[int]]) -> None:
         """Encode `sources` and write each one's cross-attention K/V at its `slots` (one per token)."""
-        for part, bucket in self.plan(sources):
-            src, sl = [sources[i] for i in part], [slots[i] for i in part]
-            if bucket is None:
-                lens = [len(s) for s in src]
-                tokens = upload([t for s in src for t in s], self.device)
-                positions = upload([p for n in lens for p in range(n)], self.device)
-                flat = upload([x for s in sl for x in s], self.device)
-                self._pass(tokens, positions, PackedLayout.of(lens, self.device), flat)
-            elif self.device.type != "cuda":
-                self._padded_pass(self._inputs(src, sl, *bucket), *bucket)
-            else:
-                graph, static = self._graph(*bucket)
-                static.copy_(self._inputs(src, sl, *bucket).pin_memory(), non_blocking=True)  # no host wait
-                graph.replay()
-
-    def plan(self, sources: list[list[int]]) -> list[tuple[list[int], tuple[int, int] | None]]:
-        """The passes that encode these sources: (their indices, bucket), None for the packed eager pass.
-        Sources fill grids shortest first, so that each grid's length wastes little on padding."""
-        grids, rest, part = [], [], []
-        for i in sorted(range(len(sources)), key=lambda i: len(sources[i])):
-            if self.bucket([sources[i]]) is None:
-                rest.append(i)
-            elif part and self.bucket([sources[j] for j in (*part, i)]) is None:
-                grids.append(part)
-                part = [i]
-            else:
-                part.append(i)
-        plan = [(p, self.bucket([sources[j] for j in p])) for p in (*grids, part) if p]
-        return plan + ([(sorted(rest), None)] if rest else [])
+        bucket = self.bucket(sources)
+        if bucket is None:
+            lens = [len(s) for s in sources]
+            tokens = upload([t for s in sources for t in s], self.device)
+            positions = upload([p for n in lens for p in range(n)], self.device)
+            flat = upload([x for s in slots for x in s], self.device)
+            self._pass(tokens, positions, PackedLayout.of(lens, self.device), flat)
+        elif self.device.type != "cuda":
+            self._padded_pass(self._inputs(sources, slots, *bucket), *bucket)
+        else:
+            graph, static = self._graph(*bucket)
+            static.copy_(
+                self._inputs(sources, slots, *bucket).pin_memory(), non_blocking=True
+            )  # no host wait
+            graph.replay()
 
     def bucket(self, sources: list[list[int]]) -> tuple[int, int] | None:
-        """The smallest (sources, length) bucket whose grid holds these sources; None: none does."""
+        """The smallest (sources, length) bucket whose grid holds these sources; None: run eagerly."""
         n, longest = len(sources), max(len(s) for s in sources)
         b = next((b for b in self.sources if b >= n), None)
         s = next((s for s in self.lengths if s >= longest), None)
-        return None if b is None or s is None or b * s > GRID_TOKENS else (b, s)
+        return None if b is None or s is None else (b, s)
 
     def _inputs(self, sources: list[list[int]], slots: list[list[int]], b: int, s: int) -> torch.Tensor:
         """[3 * b * s + b] on the host: tokens, positions and slots of the padded grid, then each row's length.
@@ -110,11 +96,9 @@ class EncodeRunner:
     def capture_graphs(self) -> None:
         """Capture every bucket's graph now (compiling its kernels), so that no request waits for one."""
         if self.device.type == "cuda":
-            for b, s in self.buckets():
-                self._graph(b, s)
-
-    def buckets(self) -> list[tuple[int, int]]:
-        return [(b, s) for b in self.sources for s in self.lengths if b * s <= GRID_TOKENS]
+            for b in self.sources:
+                for s in self.lengths:
+                    self._graph(b, s)
 
     def release_graphs(self) -> None:
         """Destroy the captured graphs (see `DecodeRunner.release_graphs`)."""
