@@ -1,7 +1,8 @@
 """Where a decode step's time goes: GPU kernels of decode graphs, host time of an engine step.
 
 Prints (and writes as JSON to --out) the kernels of one greedy decode graph replay at each of
---kernel-rows grouped by name with their GPU time, every graph's replay time (by rows and K), how
+--kernel-rows grouped by name with their GPU time, every graph's replay time (by rows and K), the
+time of the engine's encoder pass over 1 to 64 sources against one eager packed pass, how
 a closed loop at --rows concurrent requests splits its wall time between host work and waiting for
 the device, where in that loop the device idles (each gap between its kernels attributed to the engine
 phase the host was in; with a gzipped Chrome trace of the loop), and the host functions that dominate
@@ -25,6 +26,7 @@ import gzip
 import io
 import json
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,6 +68,40 @@ def kernel_table(tr: Translator, rows: int) -> list[dict]:
 def replay_times(tr: Translator, n: int = 50) -> dict[str, float]:
     """ms per replay of every captured decode graph, by rows bucket and K."""
     return {f"{r} rows, k={k}": graph_replay_ms(tr, r, k, n) for r, k in sorted(tr.engine.runner.graphs)}
+
+
+def encoder_passes(tr: Translator, items, counts=(1, 2, 4, 8, 64)) -> list[dict]:
+    """ms (synchronized, median of 7) of the engine's encoder pass with its cross-attention K/V writes over
+    the first n sources, for each n, and of one eager packed pass over them: what a step that admits n
+    requests spends before its next decode step goes out."""
+    from serve.runtime.encode_step import EncodeRunner
+
+    eng = tr.engine
+    eager = EncodeRunner(eng.encoder, eng.decoder, eng.pool, 1, 1, padded=False)
+
+    def median_ms(fn, *args) -> float:
+        times = []
+        for _ in range(7):
+            sync(tr.device)
+            start = time.perf_counter()
+            fn(*args)
+            sync(tr.device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    out = []
+    for n in (c for c in counts if c <= len(items)):
+        sources = [enc for enc, _ in items[:n]]
+        blocks = [eng.pool.allocator.allocate(eng.pool.blocks_for(len(s))) for s in sources]
+        slots = [eng.pool.slots(b, 0, len(s)) for b, s in zip(blocks, sources, strict=True)]
+        row = {"sources": n, "tokens": sum(map(len, sources)), "bucket": eng.encode_runner.bucket(sources)}
+        with torch.inference_mode():
+            row["engine_ms"] = median_ms(eng.encode_runner.run, sources, slots)
+            row["eager_ms"] = median_ms(eager.run, sources, slots)
+        for b in blocks:
+            eng.pool.allocator.free(b)
+        out.append(row)
+    return out
 
 
 def host_split(tr: Translator, items, rows: int, new_tokens: int) -> dict:
@@ -205,6 +241,7 @@ def main() -> None:
         report["replay_ms"] = replay_times(tr)
         rows = [r for r in map(int, args.kernel_rows.split(",")) if (r, 1) in tr.engine.runner.graphs]
         report["kernels"] = {r: kernel_table(tr, r) for r in rows}
+    report["encoder_passes"] = encoder_passes(tr, items)
     report["host_split"] = host_split(tr, items, args.rows, args.new_tokens)
     report["tokens_per_s"], report["host_profile"] = host_profile(tr, items, args.rows, args.new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -225,6 +262,11 @@ def main() -> None:
         print(f"device timeline at {args.rows} clients (profiled, {t['tokens_per_s']:.0f} tok/s): busy "
               f"{t['device_busy_ms']:.1f} of {t['span_ms']:.1f} ms; idle ms by host phase:",
               {k: round(v, 2) for k, v in t["idle_ms_by_host_phase"].items()})  # fmt: skip
+    print("| sources | tokens | bucket | engine's pass ms | eager packed ms |\n|---|---|---|---|---|")
+    for r in report["encoder_passes"]:
+        print(
+            f"| {r['sources']} | {r['tokens']} | {r['bucket'] or 'eager'} | {r['engine_ms']:.2f} | {r['eager_ms']:.2f} |"
+        )
     split = report["host_split"]
     print(f"closed loop at {args.rows} clients: {split['tokens_per_s']:.0f} tok/s, {split['steps']} steps in "
           f"{split['wall_s'] * 1e3:.0f} ms, {split['waiting_s'] * 1e3:.0f} ms of them waiting for the device, "

@@ -76,16 +76,20 @@ def test_parity_script_tiny_fp32_is_exact(tmp_path):
 
 
 def test_profile_smoke_splits_the_loop_and_idle_gaps_go_to_the_host_phase(tmp_path):
-    """profile_step runs on CPU (host split and cProfile; the device timeline needs CUDA), and its
-    gap attribution charges each device gap to the innermost host phase running when it began."""
+    """profile_step runs on CPU (encoder passes, host split and cProfile; the device timeline needs CUDA),
+    and its gap attribution charges each device gap to the innermost host phase running when it began."""
     from scripts.profile_step import idle_gaps
 
     run(
         ["scripts/profile_step.py", "--smoke", "--rows", "4", "--new-tokens", "4", "--out", str(tmp_path)],
         tmp_path,
     )
-    split = json.loads((tmp_path / "profile.json").read_text())["host_split"]
+    report = json.loads((tmp_path / "profile.json").read_text())
+    split = report["host_split"]
     assert split["steps"] > 4 and split["tokens_per_s"] > 0 and split["host_ms_per_step"] > 0
+    passes = report["encoder_passes"]  # 8 sources for 4 rows; on CPU the engine's pass is the eager one
+    assert [p["sources"] for p in passes] == [1, 2, 4, 8] and all(p["bucket"] is None for p in passes)
+    assert all(p["engine_ms"] > 0 and p["eager_ms"] > 0 for p in passes)
 
     device = [(0, 100), (50, 120), (200, 300), (1300, 1400)]  # µs
     phases = [(90, 250, "engine.collect"), (100, 150, "engine.launch"), (500, 2000, "engine.encode")]
