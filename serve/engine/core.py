@@ -5,8 +5,9 @@ token budget (`max_num_tokens`) and row budget (`max_batch_size`) allow, (2) lau
 decoder step for every beam admitted before (requests new to decoding feed their forced prefix,
 the others their last token), (3) while the device runs it, launches one encoder pass over the
 sources of the newly admitted requests and their cross-attention K/V writes (`EncodeRunner`: a
-CUDA graph for a few sources, else packed and unpadded; their decoding starts next step), and (4) advances each request's search with the top-K of
-the decoder step launched before, freeing the blocks of requests that finished.
+CUDA graph for a few sources, else packed and unpadded; their decoding starts next step), and
+(4) advances each request's search with the top-K of the decoder step launched before, freeing the
+blocks of requests that finished.
 
 So the host's work of a step (admission, building the next step, the search) overlaps the
 device's. When every decoding request is greedy, (2) comes before (4): the step feeds each

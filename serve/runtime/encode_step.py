@@ -1,7 +1,7 @@
 """One encoder pass over newly admitted sources, with their cross-attention K/V written to the pool,
 replayed as a CUDA graph where the sources fit one.
 
-Run eagerly, a pass launches about 200 kernels from Python: on the H200 that took about 8 ms of host
+Run eagerly, a pass launches about 200 kernels from Python: on the H200 that took 8-13 ms of host
 time for one 24-token sentence whose kernels take 0.65 ms, and the engine step that admits a request
 waits for it before it launches the next decode step. So on CUDA, a pass of up to `SOURCES[-1]` sources
 of up to `LENGTHS[-1]` tokens replays a graph captured per (sources, length) bucket instead: each source
@@ -9,7 +9,7 @@ is padded to the bucket's length in a [sources, length] grid (`PackedLayout.grid
 masked, so real tokens see what a packed pass shows them), its inputs arrive in one copy, and the
 padding tokens' K/V go to the pool's scratch block, which no sequence reads. Larger passes run eagerly
 over their packed, unpadded tokens: filling grids of up to 64 sources with them instead made fp16 at
-128 concurrent requests slower (the performance log, session ending at this module's first commit).
+128 concurrent requests slower (`scripts/results/PERFORMANCE-LOG.md`, the session after 9576ada).
 """
 
 from __future__ import annotations
@@ -54,9 +54,8 @@ class EncodeRunner:
             self._padded_pass(self._inputs(sources, slots, *bucket), *bucket)
         else:
             graph, static = self._graph(*bucket)
-            static.copy_(
-                self._inputs(sources, slots, *bucket).pin_memory(), non_blocking=True
-            )  # no host wait
+            inputs = self._inputs(sources, slots, *bucket).pin_memory()
+            static.copy_(inputs, non_blocking=True)  # queued: no host wait
             graph.replay()
 
     def bucket(self, sources: list[list[int]]) -> tuple[int, int] | None:
