@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from serve.runtime.fused import Shortlist
+from serve.runtime.graphs import capture
 from serve.runtime.kv_cache import KVPool
 from serve.runtime.model import Decoder
 from serve.runtime.shortlist import RowTokens, ShortlistUnion
@@ -199,16 +200,8 @@ class DecodeRunner:
         if (n, k) not in self.graphs:
             static = upload(self._inputs([], [], [], [], [], n), self.device)
             chosen = self.chosen.clone()  # a capture may come between a launch and the one it feeds
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compile/warm kernels outside the capture
-                    self._step(static, k)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.chosen.copy_(chosen)
             self._mempool = self._mempool or torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._mempool):
-                out = self._step(static, k)
+            graph, out = capture(lambda: self._step(static, k), self.device, self._mempool)
+            self.chosen.copy_(chosen)  # the warm-up steps wrote their own choices
             self.graphs[n, k] = (graph, static, out)
         return self.graphs[n, k]

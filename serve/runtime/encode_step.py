@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from serve.runtime.graphs import capture
 from serve.runtime.kv_cache import KVPool
 from serve.runtime.model import Decoder, Encoder, PackedLayout
 from serve.runtime.transfer import upload
@@ -107,15 +108,7 @@ class EncodeRunner:
     def _graph(self, b: int, s: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if (b, s) not in self.graphs:
             static = upload(self._inputs([], [], b, s), self.device)  # every row scratch: writes nothing read
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compile/warm kernels outside the capture
-                    self._padded_pass(static, b, s)
-            torch.cuda.current_stream(self.device).wait_stream(side)
             self._mempool = self._mempool or torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._mempool):
-                self._padded_pass(static, b, s)
+            graph, _ = capture(lambda: self._padded_pass(static, b, s), self.device, self._mempool)
             self.graphs[b, s] = (graph, static)
         return self.graphs[b, s]

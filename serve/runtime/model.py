@@ -138,8 +138,7 @@ class PackedLayout:
         seq_idx = torch.repeat_interleave(torch.arange(n, device=device), lens, output_size=sum(seq_lens))
         starts = torch.cumsum(lens, 0) - lens
         pos_in_seq = torch.arange(int(sum(seq_lens)), device=device) - starts[seq_idx]
-        mask = (torch.arange(max(seq_lens), device=device)[None, :] < lens[:, None])[:, None, None, :]
-        return cls(seq_idx, pos_in_seq, mask, n, max(seq_lens))
+        return cls(seq_idx, pos_in_seq, key_mask(lens, max(seq_lens)), n, max(seq_lens))
 
     @classmethod
     def grid(cls, lens: torch.Tensor, length: int) -> PackedLayout:
@@ -149,8 +148,12 @@ class PackedLayout:
         n, dev = lens.numel(), lens.device
         seq_idx = torch.arange(n, device=dev).repeat_interleave(length)
         pos_in_seq = torch.arange(length, device=dev).repeat(n)
-        mask = (torch.arange(length, device=dev)[None, :] < lens[:, None])[:, None, None, :]
-        return cls(seq_idx, pos_in_seq, mask, n, length)
+        return cls(seq_idx, pos_in_seq, key_mask(lens, length), n, length)
+
+
+def key_mask(lens: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, 1, 1, length]: which of a padded row's `length` keys are real (the first lens[b])."""
+    return (torch.arange(length, device=lens.device)[None, :] < lens[:, None])[:, None, None, :]
 
 
 def packed_attention(qkv: torch.Tensor, layout: PackedLayout, scale: float) -> torch.Tensor:
