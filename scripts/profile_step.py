@@ -77,7 +77,8 @@ def encoder_passes(tr: Translator, items, counts=(1, 2, 4, 8, 64)) -> list[dict]
     from serve.runtime.encode_step import EncodeRunner
 
     eng = tr.engine
-    eager = EncodeRunner(eng.encoder, eng.decoder, eng.pool, 1, 1, padded=False)
+    run = eng.encode_runner
+    eager = EncodeRunner(eng.encoder, eng.decoder, eng.pool, run.max_sources, 0, run.max_len, bucketed=False)
 
     def median_ms(fn, *args) -> float:
         times = []

@@ -4,8 +4,8 @@ Each step (1) admits waiting requests while their KV blocks can be reserved and 
 token budget (`max_num_tokens`) and row budget (`max_batch_size`) allow, (2) launches one
 decoder step for every beam admitted before (requests new to decoding feed their forced prefix,
 the others their last token), (3) while the device runs it, launches one encoder pass over the
-sources of the newly admitted requests and their cross-attention K/V writes (`EncodeRunner`: a
-CUDA graph for a few sources, else packed and unpadded; their decoding starts next step), and
+sources of the newly admitted requests and their cross-attention K/V writes (`EncodeRunner`: on
+CUDA, the CUDA graph of its token bucket; their decoding starts next step), and
 (4) advances each request's search with the top-K of the decoder step launched before, freeing the
 blocks of requests that finished.
 
@@ -42,7 +42,7 @@ from serve.runtime import fused
 from serve.runtime.decode_step import HOST_TOKEN, DecodeRunner, LaunchedStep
 from serve.runtime.encode_step import EncodeRunner
 from serve.runtime.kv_cache import KVPool
-from serve.runtime.model import Decoder, Encoder, EncoderBatch
+from serve.runtime.model import Decoder, Encoder, EncoderBatch, varlen_usable
 from serve.runtime.shortlist import VocabShortlist
 from serve.runtime.transfer import upload
 
@@ -147,8 +147,8 @@ class Engine:
             compile=config.compile, shortlist=shortlist is not None,
         )  # fmt: skip
         self.encode_runner = EncodeRunner(
-            encoder, decoder, self.pool, config.max_batch_size, self.max_positions,
-            padded=config.cuda_graphs and self.device.type == "cuda",
+            encoder, decoder, self.pool, config.max_batch_size, config.max_num_tokens, self.max_positions,
+            bucketed=config.cuda_graphs and varlen_usable(self.device, encoder.cfg.dtype),
         )  # fmt: skip
         self.waiting: OrderedDict[str, GenerationRequest] = OrderedDict()
         self.running: OrderedDict[str, _Running] = OrderedDict()
@@ -160,11 +160,11 @@ class Engine:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile every kernel variant a request can meet before the first one arrives (on CUDA):
-        each bucket's decode and encoder graph, and the eager encoder at the lengths that reach every
-        variant of the fused linears (`fused.row_variants`)."""
+        each bucket's decode and encoder graph, or without encoder graphs, the eager encoder at the
+        lengths that reach every variant of the fused linears (`fused.row_variants`)."""
         self.runner.capture_graphs()
         self.encode_runner.capture_graphs()
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.encode_runner.sizes:
             return
         longest = min(max(fused.MAX_ROWS.values()), self.max_positions, self.config.max_num_tokens)
         for n in fused.row_variants(longest):

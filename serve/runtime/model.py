@@ -11,6 +11,8 @@ decoder token is one query row of `serve.runtime.kernels.paged_attention`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -18,6 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.9: padded attention everywhere
+    varlen_attn = None
 
 from serve.runtime import fused, tp
 from serve.runtime.fused import ACTIVATIONS
@@ -124,31 +131,29 @@ class DecoderBatch:
 
 @dataclass
 class PackedLayout:
-    """Where each packed token sits in a padded [B, max_len] batch (computed once per encoder pass)."""
+    """Sequences packed one after another: sequence i is tokens cu_seqlens[i]:cu_seqlens[i + 1] of [T, ...].
 
-    seq_idx: torch.Tensor
-    pos_in_seq: torch.Tensor
-    mask: torch.Tensor  # [B, 1, 1, max_len] key padding mask
-    batch: int
+    Trailing sequences may be empty and none is longer than `max_len`. Nothing here reads `cu_seqlens` on
+    the host, so a CUDA graph can replay a layout with other lengths (`serve.runtime.encode_step`).
+    """
+
+    cu_seqlens: torch.Tensor  # [N + 1] int32, on the device; the last entry is `tokens`
     max_len: int
+    tokens: int
 
     @classmethod
     def of(cls, seq_lens: list[int], device: torch.device) -> PackedLayout:
-        n, lens = len(seq_lens), upload(seq_lens, device)
-        seq_idx = torch.repeat_interleave(torch.arange(n, device=device), lens, output_size=sum(seq_lens))
-        starts = torch.cumsum(lens, 0) - lens
-        pos_in_seq = torch.arange(int(sum(seq_lens)), device=device) - starts[seq_idx]
-        return cls(seq_idx, pos_in_seq, key_mask(lens, max(seq_lens)), n, max(seq_lens))
+        cu = [0, *itertools.accumulate(seq_lens)]
+        return cls(upload(cu, device, torch.int32), max(seq_lens), cu[-1])
 
-    @classmethod
-    def grid(cls, lens: torch.Tensor, length: int) -> PackedLayout:
-        """Sequences each padded to `length` tokens, one after the other; `lens` [B] on the device says
-        how many are real (their keys alone are attended to). Nothing here reads `lens` on the host,
-        so a CUDA graph can replay it with other lengths."""
-        n, dev = lens.numel(), lens.device
-        seq_idx = torch.arange(n, device=dev).repeat_interleave(length)
-        pos_in_seq = torch.arange(length, device=dev).repeat(n)
-        return cls(seq_idx, pos_in_seq, key_mask(lens, length), n, length)
+    @functools.cached_property
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each token's sequence and position in a padded [N, max_len] batch, and its key mask
+        [N, 1, 1, max_len]: what attention without varlen kernels needs (computed once per pass)."""
+        cu = self.cu_seqlens.long()
+        token = torch.arange(self.tokens, device=cu.device)
+        seq = torch.searchsorted(cu[1:], token, right=True)
+        return seq, token - cu[seq], key_mask(cu[1:] - cu[:-1], self.max_len)
 
 
 def key_mask(lens: torch.Tensor, length: int) -> torch.Tensor:
@@ -156,19 +161,35 @@ def key_mask(lens: torch.Tensor, length: int) -> torch.Tensor:
     return (torch.arange(length, device=lens.device)[None, :] < lens[:, None])[:, None, None, :]
 
 
+def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `packed_attention` runs flash attention's varlen kernel here (else a padded SDPA call)."""
+    return varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
 def packed_attention(qkv: torch.Tensor, layout: PackedLayout, scale: float) -> torch.Tensor:
     """Bidirectional attention within each packed sequence: q, k, v [T, 3, h, d] -> [T, h, d].
 
-    Scatters into a padded [B, S, 3, h, d] batch (one scatter for all three) for one SDPA call.
-    cuDNN's backend is left out: it plans each new (batch, length) shape, which cost about 20 ms
-    per encoder layer on an H100 (`scripts/profile_step.py`), and every admission brings a new shape.
+    On CUDA in fp16/bf16, flash attention's varlen kernel reads the packed tokens where they are.
+    Elsewhere (the CPU, fp32), `padded_attention`.
     """
-    padded = qkv.new_zeros(layout.batch, layout.max_len, *qkv.shape[1:])
-    padded[layout.seq_idx, layout.pos_in_seq] = qkv
-    q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, S, d] each
+    if not varlen_usable(qkv.device, qkv.dtype):
+        return padded_attention(qkv, layout, scale)
+    q, k, v = qkv.unbind(1)
+    cu, n = layout.cu_seqlens, layout.max_len
+    return varlen_attn(q, k, v, cu, cu, n, n, scale=scale)
+
+
+def padded_attention(qkv: torch.Tensor, layout: PackedLayout, scale: float) -> torch.Tensor:
+    """`packed_attention` as one SDPA call over a padded [N, max_len] batch (one scatter for q, k and v).
+    cuDNN's backend is left out: it plans each new (batch, length) shape, which cost about 20 ms per
+    encoder layer on an H100 (`scripts/profile_step.py`), and every admission brings a new shape."""
+    seq, pos, mask = layout.padded
+    padded = qkv.new_zeros(mask.shape[0], layout.max_len, *qkv.shape[1:])
+    padded[seq, pos] = qkv
+    q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)  # [N, h, max_len, d] each
     with sdpa_kernel(MASKED_SDPA_BACKENDS):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, scale=scale)
-    return out.transpose(1, 2)[layout.seq_idx, layout.pos_in_seq]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)[seq, pos]
 
 
 class Attention(nn.Module):
@@ -294,7 +315,7 @@ class Encoder(nn.Module):
         )
 
     def encode(self, tokens: torch.Tensor, positions: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        """[T, hidden] output of tokens laid out as `layout` says (packed, or padded to a grid)."""
+        """[T, hidden] output of the packed sequences `layout` describes."""
         x = self.transformer.embed(tokens, positions)
         for layer in self.transformer.layers:
             x = layer(x, layout)
