@@ -66,7 +66,7 @@ def test_bucket_layout_pads_with_short_sequences_into_the_scratch_block(tiny_ckp
     tokens, positions, flat = inputs[: 3 * size].view(3, size).tolist()
     cu = inputs[3 * size :].tolist()
     real = sum(map(len, sources))
-    assert cu[: 4] == [0, len(sources[0]), len(sources[0]) + len(sources[1]), real]
+    assert cu[:4] == [0, len(sources[0]), len(sources[0]) + len(sources[1]), real]
     runs = [b - a for a, b in zip(cu[3:], cu[4:], strict=False) if b > a]
     assert sum(runs) == size - real and max(runs) <= PAD_RUN and cu[-1] == size
     pool = bucketed.pool
