@@ -279,19 +279,22 @@ def no_host_wait(fn):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("shortlist", [False, True])
-def test_the_host_never_waits_for_the_device_before_collecting(tiny_ckpt, shortlisted_ckpt, shortlist,
+@pytest.mark.parametrize("variant", ["float32", "float32+shortlist", "float16"])
+def test_the_host_never_waits_for_the_device_before_collecting(tiny_ckpt_factory, shortlisted_ckpt, variant,
                                                                monkeypatch):  # fmt: skip
     """Admission, launches and the encoder only queue work (CUDA's sync debug mode raises on a host
-    wait), so the host's work of a step overlaps the device's; the tokens are those of host-fed steps."""
+    wait), so the host's work of a step overlaps the device's; the tokens are those of host-fed steps.
+    float32 runs the encoder eagerly, float16 replays its graphs (`EncodeRunner`)."""
     from serve.runtime.translator import Translator
 
-    ckpt = shortlisted_ckpt if shortlist else tiny_ckpt
+    shortlist = variant.endswith("+shortlist")
+    ckpt = shortlisted_ckpt if shortlist else tiny_ckpt_factory(1, variant)
     strict, plain = (
         Translator.load(ckpt, device="cuda", shortlist=shortlist, look_ahead=ahead, trace_steps=1000)
         for ahead in (True, False)
     )
     strict.engine.warm_up()
+    assert bool(strict.engine.encode_runner.graphs) == (variant == "float16")
     for name in ("_admit", "_launch", "_encode"):
         monkeypatch.setattr(strict.engine, name, no_host_wait(getattr(strict.engine, name)))
     tok = strict.tokenizer
