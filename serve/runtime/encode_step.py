@@ -8,8 +8,8 @@ step. So on CUDA a pass replays the graph captured for the smallest token bucket
 its sources, packed one after another as they are. The bucket's remaining tokens form padding sequences
 of at most `PAD_RUN` tokens (attention stays within a sequence: they see nothing real, nothing real
 sees them), whose K/V go to the pool's scratch block, which no sequence reads; the layout's entries past
-them are empty sequences. Attention is flash attention's varlen kernel (`model.packed_attention`), so it
-costs what the real tokens cost, and a pass's inputs arrive in one copy.
+them are empty sequences. Attention is flash attention's varlen kernel (`model.packed_attention`), which
+reads the packed tokens where they are, and a pass's inputs arrive in one copy.
 """
 
 from __future__ import annotations

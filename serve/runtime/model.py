@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:
     from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch < 2.9: padded attention everywhere
+except ImportError:  # an older torch: padded attention everywhere
     varlen_attn = None
 
 from serve.runtime import fused, tp
