@@ -2,7 +2,8 @@
 
 Prints (and writes as JSON to --out) the kernels of one greedy decode graph replay at each of
 --kernel-rows grouped by name with their GPU time, every graph's replay time (by rows and K), the
-time of the engine's encoder pass over 1 to 64 sources against one eager packed pass, how
+time of the engine's encoder pass over 1 to 64 sources against one eager packed pass and the kernels of
+its pass over 64, how
 a closed loop at --rows concurrent requests splits its wall time between host work and waiting for
 the device, where in that loop the device idles (each gap between its kernels attributed to the engine
 phase the host was in; with a gzipped Chrome trace of the loop), and the host functions that dominate
@@ -45,16 +46,15 @@ from serve.runtime.decode_step import LaunchedStep  # noqa: E402
 from serve.runtime.translator import Translator  # noqa: E402
 
 
-def kernel_table(tr: Translator, rows: int) -> list[dict]:
-    """GPU kernels of one replay of the greedy `rows` graph, grouped by name, slowest first."""
+def kernel_table(fn, device: torch.device) -> list[dict]:
+    """GPU kernels of one call of `fn` (after one unprofiled call), grouped by name, slowest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    graph = tr.engine.runner.graphs[rows, 1][0]
-    graph.replay()
-    sync(tr.device)
+    fn()
+    sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graph.replay()
-        sync(tr.device)
+        fn()
+        sync(device)
     groups: dict[str, dict] = {}
     for e in prof.events():
         if e.device_type.name != "CUDA":
@@ -72,10 +72,38 @@ def replay_times(tr: Translator, n: int = 50) -> dict[str, float]:
     return {f"{r} rows, k={k}": graph_replay_ms(tr, r, k, n) for r, k in sorted(tr.engine.runner.graphs)}
 
 
-def encoder_passes(tr: Translator, items, counts=(1, 2, 4, 8, 64)) -> list[dict]:
+def one_pass(tr: Translator, items, n: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """The first n sources, fewer where they exceed `max_num_tokens` (the engine admits no larger pass),
+    with KV blocks and slots for them (the caller frees the blocks)."""
+    eng = tr.engine
+    sources = [enc for enc, _ in items[:n]]
+    while sum(map(len, sources)) > eng.config.max_num_tokens:
+        sources.pop()
+    blocks = [eng.pool.allocator.allocate(eng.pool.blocks_for(len(s))) for s in sources]
+    return sources, blocks, [eng.pool.slots(b, 0, len(s)) for b, s in zip(blocks, sources, strict=True)]
+
+
+def encoder_kernels(tr: Translator, items, n: int = 64) -> dict:
+    """GPU kernels of the engine's encoder pass over (up to) n sources: its bucket's graph on CUDA."""
+    eng = tr.engine
+    sources, blocks, slots = one_pass(tr, items, n)
+    with torch.inference_mode():
+        kernels = kernel_table(lambda: eng.encode_runner.run(sources, slots), tr.device)
+    for b in blocks:
+        eng.pool.allocator.free(b)
+    tokens = sum(map(len, sources))
+    return {
+        "sources": len(sources),
+        "tokens": tokens,
+        "bucket": eng.encode_runner.bucket(sources),
+        "kernels": kernels,
+    }
+
+
+def encoder_passes(tr: Translator, items, counts=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
     """ms (synchronized, median of 7) of the engine's encoder pass with its cross-attention K/V writes over
-    the first n sources, for each n, and of one eager packed pass over them: what a step that admits n
-    requests spends before its next decode step goes out."""
+    the first n sources (fewer where they exceed `max_num_tokens`), for each n, and of one eager packed
+    pass over them: what a step that admits n requests spends before its next decode step goes out."""
     from serve.runtime.encode_step import EncodeRunner
 
     eng = tr.engine
@@ -94,10 +122,8 @@ def encoder_passes(tr: Translator, items, counts=(1, 2, 4, 8, 64)) -> list[dict]
 
     out = []
     for n in (c for c in counts if c <= len(items)):
-        sources = [enc for enc, _ in items[:n]]
-        blocks = [eng.pool.allocator.allocate(eng.pool.blocks_for(len(s))) for s in sources]
-        slots = [eng.pool.slots(b, 0, len(s)) for b, s in zip(blocks, sources, strict=True)]
-        row = {"sources": n, "tokens": sum(map(len, sources)), "bucket": eng.encode_runner.bucket(sources)}
+        sources, blocks, slots = one_pass(tr, items, n)
+        row = {"sources": len(sources), "tokens": sum(map(len, sources)), "bucket": run.bucket(sources)}
         with torch.inference_mode():
             row["engine_ms"] = median_ms(eng.encode_runner.run, sources, slots)
             row["eager_ms"] = median_ms(eager.run, sources, slots)
@@ -247,7 +273,10 @@ def main() -> None:
     if cuda:
         report["replay_ms"] = replay_times(tr)
         rows = [r for r in map(int, args.kernel_rows.split(",")) if (r, 1) in tr.engine.runner.graphs]
-        report["kernels"] = {r: kernel_table(tr, r) for r in rows}
+        report["kernels"] = {
+            r: kernel_table(tr.engine.runner.graphs[r, 1][0].replay, tr.device) for r in rows
+        }
+        report["encoder_kernels"] = encoder_kernels(tr, items)
     report["encoder_passes"] = encoder_passes(tr, items)
     report["host_split"] = host_split(tr, items, args.rows, args.new_tokens)
     report["tokens_per_s"], report["host_profile"] = host_profile(tr, items, args.rows, args.new_tokens)
@@ -264,6 +293,11 @@ def main() -> None:
             print("| kernel | count | us |\n|---|---|---|")
             for k in ks[:25]:
                 print(f"| {k['name']} | {k['count']} | {k['us']:.1f} |")
+        enc = report["encoder_kernels"]
+        print(f"encoder pass over {enc['sources']} sources, {enc['tokens']} tokens (bucket {enc['bucket']}): "
+              f"{sum(k['count'] for k in enc['kernels'])} kernels, {sum(k['us'] for k in enc['kernels']):.0f} us")  # fmt: skip
+        for k in enc["kernels"][:12]:
+            print(f"| {k['name']} | {k['count']} | {k['us']:.1f} |")
         print("replay ms:", {g: round(v, 3) for g, v in report["replay_ms"].items()})
         t = report["device_timeline"]
         print(f"device timeline at {args.rows} clients (profiled, {t['tokens_per_s']:.0f} tok/s): busy "
