@@ -72,30 +72,31 @@ def replay_times(tr: Translator, n: int = 50) -> dict[str, float]:
     return {f"{r} rows, k={k}": graph_replay_ms(tr, r, k, n) for r, k in sorted(tr.engine.runner.graphs)}
 
 
-def one_pass(tr: Translator, items, n: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
-    """The first n sources, fewer where they exceed `max_num_tokens` (the engine admits no larger pass),
-    with KV blocks and slots for them (the caller frees the blocks)."""
+@contextlib.contextmanager
+def one_pass(tr: Translator, items, n: int):
+    """(sources, slots): the first n sources, fewer where they exceed `max_num_tokens` (the engine admits
+    no larger pass), with KV blocks for them, freed on exit."""
     eng = tr.engine
     sources = [enc for enc, _ in items[:n]]
     while sum(map(len, sources)) > eng.config.max_num_tokens:
         sources.pop()
     blocks = [eng.pool.allocator.allocate(eng.pool.blocks_for(len(s))) for s in sources]
-    return sources, blocks, [eng.pool.slots(b, 0, len(s)) for b, s in zip(blocks, sources, strict=True)]
+    try:
+        yield sources, [eng.pool.slots(b, 0, len(s)) for b, s in zip(blocks, sources, strict=True)]
+    finally:
+        for b in blocks:
+            eng.pool.allocator.free(b)
 
 
 def encoder_kernels(tr: Translator, items, n: int = 64) -> dict:
     """GPU kernels of the engine's encoder pass over (up to) n sources: its bucket's graph on CUDA."""
-    eng = tr.engine
-    sources, blocks, slots = one_pass(tr, items, n)
-    with torch.inference_mode():
-        kernels = kernel_table(lambda: eng.encode_runner.run(sources, slots), tr.device)
-    for b in blocks:
-        eng.pool.allocator.free(b)
-    tokens = sum(map(len, sources))
+    run = tr.engine.encode_runner
+    with one_pass(tr, items, n) as (sources, slots), torch.inference_mode():
+        kernels = kernel_table(lambda: run.run(sources, slots), tr.device)
     return {
         "sources": len(sources),
-        "tokens": tokens,
-        "bucket": eng.encode_runner.bucket(sources),
+        "tokens": sum(map(len, sources)),
+        "bucket": run.bucket(sources),
         "kernels": kernels,
     }
 
@@ -122,13 +123,10 @@ def encoder_passes(tr: Translator, items, counts=(1, 2, 4, 8, 16, 32, 64)) -> li
 
     out = []
     for n in (c for c in counts if c <= len(items)):
-        sources, blocks, slots = one_pass(tr, items, n)
-        row = {"sources": len(sources), "tokens": sum(map(len, sources)), "bucket": run.bucket(sources)}
-        with torch.inference_mode():
-            row["engine_ms"] = median_ms(eng.encode_runner.run, sources, slots)
+        with one_pass(tr, items, n) as (sources, slots), torch.inference_mode():
+            row = {"sources": len(sources), "tokens": sum(map(len, sources)), "bucket": run.bucket(sources)}
+            row["engine_ms"] = median_ms(run.run, sources, slots)
             row["eager_ms"] = median_ms(eager.run, sources, slots)
-        for b in blocks:
-            eng.pool.allocator.free(b)
         out.append(row)
     return out
 
