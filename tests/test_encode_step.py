@@ -3,10 +3,11 @@ cross-attention K/V that the unpadded pass writes, and writes nowhere else but t
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from serve.runtime.encode_step import PAD_RUN, TOKENS, EncodeRunner, buckets
+from serve.runtime.encode_step import PAD_RUN, SHORT, TOKENS, EncodeRunner, buckets
 from serve.runtime.kv_cache import KVPool
 from serve.runtime.load import load_model
 from serve.runtime.model import PackedLayout, packed_attention, padded_attention
@@ -19,7 +20,7 @@ def pool_of(decoder, device: str, blocks: int = 1024) -> KVPool:
     return KVPool(d.num_layers, blocks, 16, d.num_heads, d.head_size, d.dtype, device)
 
 
-def sources_and_slots(tiny_ckpt, pool: KVPool, n: int) -> tuple[list[list[int]], list[list[int]]]:
+def sources_and_slots(tiny_ckpt, pool: KVPool, n: int) -> tuple[list[list[int]], list[np.ndarray]]:
     tok = TranslationTokenizer(tiny_ckpt)
     langs = ["de", "zh", "ru", "ar", "hi"]
     sources = [
@@ -46,15 +47,32 @@ def assert_same_pools(packed: KVPool, bucketed: KVPool, **tol) -> None:
         torch.testing.assert_close(v1[:-1], v0[:-1], **tol)
 
 
+def test_slots_follow_the_block_table():
+    pool = KVPool(1, 8, 4, 1, 2, torch.float32, "cpu")
+    assert pool.slots([5, 2, 7], 3, 6).tolist() == [23, 8, 9, 10, 11, 28]  # positions 3..8, blocks of 4
+
+
 @pytest.mark.parametrize("n", [1, 3, 8, 30])
 def test_bucketed_pass_writes_what_the_packed_pass_writes(tiny_ckpt, n):
     packed, bucketed, sources, slots = runners(tiny_ckpt, "cpu", n)
     assert packed.bucket(sources) is None
-    size, tokens = bucketed.bucket(sources), sum(map(len, sources))
-    assert size in TOKENS and size >= tokens > size // 2
+    (size, length), tokens = bucketed.bucket(sources), sum(map(len, sources))
+    assert size in TOKENS and size >= tokens > size // 2 and length >= max(map(len, sources))
     packed.run(sources, slots)
     bucketed.run(sources, slots)
     assert any(k.abs().sum() > 0 for k, _ in packed.pool.layers)
+    assert_same_pools(packed.pool, bucketed.pool, atol=1e-4, rtol=1e-4)
+
+
+def test_a_source_past_short_takes_the_long_graphs(tiny_ckpt):
+    packed, bucketed, sources, _ = runners(tiny_ckpt, "cpu", 2)
+    sources = [(sources[0] * 20)[: SHORT + 72], sources[1]]
+    pool = packed.pool
+    slots = [pool.slots(pool.allocator.allocate(pool.blocks_for(len(s))), 0, len(s)) for s in sources]
+    assert bucketed.lengths == [SHORT, 512]
+    assert bucketed.bucket(sources) == (256, 512) and bucketed.bucket(sources[1:])[1] == SHORT
+    packed.run(sources, slots)
+    bucketed.run(sources, slots)
     assert_same_pools(packed.pool, bucketed.pool, atol=1e-4, rtol=1e-4)
 
 
@@ -80,7 +98,7 @@ def test_passes_past_the_largest_bucket_stay_packed(tiny_ckpt):
     _, bucketed, sources, _ = runners(tiny_ckpt, "cpu", 40, max_tokens=256)
     assert bucketed.sizes == [16, 32, 64, 128, 256]
     fits = max(i for i in range(len(sources)) if sum(map(len, sources[:i])) <= 256)
-    assert bucketed.bucket(sources[:fits]) == 256
+    assert bucketed.bucket(sources[:fits])[0] == 256
     assert bucketed.bucket(sources[: fits + 1]) is None
     assert bucketed.bucket([[5]] * 65) is None  # more sources than max_sources (64)
     assert buckets(TOKENS, 20) == [16, 20] and buckets(TOKENS, 10**6) == list(TOKENS)
@@ -105,7 +123,7 @@ def test_encoder_graphs_write_what_the_packed_pass_writes(tiny_ckpt_factory):
     """Replayed graphs, several passes through the same bucket with other sources and lengths."""
     packed, bucketed, sources, slots = runners(tiny_ckpt_factory(1, "float16"), "cuda", 40)
     bucketed.capture_graphs()
-    assert sorted(bucketed.graphs) == bucketed.sizes
+    assert sorted(bucketed.graphs) == [(s, n) for s in bucketed.sizes for n in bucketed.lengths]
     for part in ([0], [1, 2], [3, 4], range(5, 13), range(13, 40)):
         src, sl = [sources[i] for i in part], [slots[i] for i in part]
         packed.run(src, sl)

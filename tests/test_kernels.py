@@ -72,11 +72,12 @@ def test_triton_kernel_matches_reference(dtype, kernel_device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_triton_write_kv_matches_reference(dtype, kernel_device):
+@pytest.mark.parametrize("heads", [16, 6])  # 6: a head count that is not a power of two (masked)
+def test_triton_write_kv_matches_reference(dtype, heads, kernel_device):
     if kernel_device == "cpu" and dtype != torch.float32:
         pytest.skip("the interpreter runs float32")
     q, k_pool, v_pool, _, _ = random_paged(
-        n=9, heads=16, dim=64, blocks=50, device=kernel_device, dtype=dtype
+        n=9, heads=heads, dim=64, blocks=50, device=kernel_device, dtype=dtype
     )
     k, v = torch.randn_like(q), torch.randn_like(q)
     slots = torch.randperm(50 * 16, device=kernel_device)[:9]

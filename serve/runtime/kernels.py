@@ -91,16 +91,24 @@ if triton is not None:
 
     @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, slots_ptr, kp_ptr, vp_ptr, stride_kn, stride_kh, stride_vn, stride_vh,
-                         stride_ps, stride_ph, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                         stride_ps, stride_ph, HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         PDL: tl.constexpr):  # fmt: skip
+        # One program a row, all its heads: an encoder pass writes thousands of rows, and a program per
+        # (row, head) made 49 152 programs of 128 bytes for 3 072 tokens (60 us a layer on the H200).
         pdl_start(PDL)
         pdl_wait(PDL)
         row = tl.program_id(0)
-        head = tl.program_id(1)
-        dims = tl.arange(0, HEAD_DIM)
+        heads = tl.arange(0, HEADS_P2)[:, None]
+        dims = tl.arange(0, HEAD_DIM)[None, :]
+        real = heads < HEADS
         slot = tl.load(slots_ptr + row).to(tl.int64)
-        dst = slot * stride_ps + head * stride_ph + dims
-        tl.store(kp_ptr + dst, tl.load(k_ptr + row * stride_kn + head * stride_kh + dims))
-        tl.store(vp_ptr + dst, tl.load(v_ptr + row * stride_vn + head * stride_vh + dims))
+        dst = slot * stride_ps + heads * stride_ph + dims
+        tl.store(
+            kp_ptr + dst, tl.load(k_ptr + row * stride_kn + heads * stride_kh + dims, mask=real), mask=real
+        )
+        tl.store(
+            vp_ptr + dst, tl.load(v_ptr + row * stride_vn + heads * stride_vh + dims, mask=real), mask=real
+        )
 
     @triton.jit
     def _kv_chunk(k_ptr, v_ptr, tables_ptr, row, head, c0, length, stride_kb, stride_ks, stride_kh, stride_tn,
@@ -239,9 +247,10 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k:
     if not _use_triton(k, k_pool):
         return write_kv_reference(k_pool, v_pool, slots, k, v)
     n, heads, head_dim = k.shape
-    _write_kv_kernel[(n, heads)](
+    _write_kv_kernel[(n,)](
         k, v, slots, k_pool, v_pool, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_pool.stride(1), k_pool.stride(2), HEAD_DIM=head_dim, **pdl_args(k),
+        k_pool.stride(1), k_pool.stride(2), HEADS=heads, HEADS_P2=triton.next_power_of_2(heads),
+        HEAD_DIM=head_dim, **pdl_args(k),
     )  # fmt: skip
 
 

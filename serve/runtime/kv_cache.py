@@ -7,6 +7,7 @@ self/cross split to tune.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from serve.runtime.kernels import write_kv
@@ -75,10 +76,12 @@ class KVPool:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def slots(self, blocks: list[int], start: int, count: int) -> list[int]:
-        """Flat slot indices of token positions start..start+count-1 in a block table."""
-        bs = self.block_size
-        return [blocks[p // bs] * bs + p % bs for p in range(start, start + count)]
+    def slots(self, blocks: list[int], start: int, count: int) -> np.ndarray:
+        """Flat slot indices (int64) of token positions start..start+count-1 in a block table."""
+        positions = np.arange(start, start + count)
+        return np.asarray(blocks, dtype=np.int64)[positions // self.block_size] * self.block_size + (
+            positions % self.block_size
+        )
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         write_kv(*self.layers[layer], slots, k, v)
