@@ -292,10 +292,11 @@ def test_row_variants_launch_every_variant_that_any_row_count_does(monkeypatch):
     assert variants(fused.row_variants(limit)) == every
 
 
-def test_fp16_output_projections_stay_on_the_kernel_up_to_64_rows(kernel_device, monkeypatch):
-    """Between 17 and 64 rows a float-weight linear with a norm runs cuBLAS and its own norm launch, while one
-    that only adds the residual (the attention and FFN output projections) still runs the fused kernel, which
-    saves the add's launch; both give the layer's result."""
+def test_fp16_decoder_linears_stay_on_the_kernel_up_to_64_rows(kernel_device, monkeypatch):
+    """Between 17 and 64 rows a float-weight linear with a norm before it (QKV, cross-attention Q, FFN input) or
+    a residual after it (the attention and FFN output projections) runs the fused kernel, which keeps the
+    add, the GELU or the K/V store inside where cuBLAS needs launches for them; from 65 rows cuBLAS runs.
+    Both give the layer's result."""
     from serve.runtime import fused
     from serve.runtime.layers import Linear
 
@@ -307,8 +308,9 @@ def test_fp16_output_projections_stay_on_the_kernel_up_to_64_rows(kernel_device,
     norm = torch.nn.LayerNorm(64, device=kernel_device)
     kernel, real = [], fused.linear_triton
     monkeypatch.setattr(fused, "linear_triton", lambda *a, **kw: kernel.append(True) or real(*a, **kw))
-    for rows, kw, fused_expected in [(48, {"residual": True}, True), (48, {"norm": norm}, False),
-                                     (65, {"residual": True}, False), (16, {"norm": norm}, True)]:  # fmt: skip
+    for rows, kw, fused_expected in [(48, {"residual": True}, True), (48, {"norm": norm}, True),
+                                     (65, {"residual": True}, False), (65, {"norm": norm}, False),
+                                     (16, {"norm": norm}, True)]:  # fmt: skip
         kernel.clear()
         x = torch.randn(rows, 64, generator=g).to(kernel_device)
         res = torch.randn(rows, 32, generator=g).to(kernel_device) if kw.get("residual") else None

@@ -58,8 +58,8 @@ ACTIVATIONS = {  # TRT-LLM hidden_act names
 }
 ACT_CODES = {None: 0, "gelu": 1, "gelu_new": 2, "relu": 3}
 # Rows up to which the kernels pay on the H100 (`scripts/bench_kernels.py --rows ...`); more rows take
-# the reference. fp16: cuBLAS plus separate norm/activation/add kernels is faster from 17 rows on (except
-# where the add is all there is to fuse: `RESIDUAL_MAX_ROWS`).
+# the reference. fp16: cuBLAS plus separate norm/activation/add kernels is faster from 17 rows on, except
+# in the decoder's layers up to 64 rows (`RESIDUAL_MAX_ROWS`, `NORMED_MAX_ROWS`).
 # int8/int4: the reference dequantizes the whole weight for cuBLAS every step, so the kernels pay up to
 # 128 rows, where they read each weight tile once per 64 rows (a decoder layer at 128 rows: int8 99 µs
 # fused vs 135 dequantized, int4 114 vs 327). The lm_head top-K pays at every batch.
@@ -69,6 +69,12 @@ MAX_ROWS = {FLOAT: 16, INT8: 128, INT4: 128}
 # FFN output 7.1 against 10.2 (`kernels-64-sweep.json`); the H100 at 32 / 64 / 128 rows, dense 4.9 / 5.7 / 4.9
 # against 6.2 / 6.3 / 6.6, FFN output 9.2 / 9.5 / 11.4 against 10.9 / 11.1 / 11.1 (`h100/kernels-rows.json`).
 RESIDUAL_MAX_ROWS = {FLOAT: 64}
+# fp16 layers with a LayerNorm before them (QKV, cross-attention Q, FFN input) keep the kernel up to 64 rows too:
+# the norm still runs first, as its own launch, but the GELU and the QKV's K/V store stay inside, where cuBLAS
+# needs a launch for each. Whole fp16 decode graphs on the H200, one process, two rounds
+# (`fp16-normed-kernel-to-64-ab.json`): 32 rows 0.940 -> 0.850 ms, 64 rows 1.104 -> 1.089-1.095 (the last
+# step's inputs of a closed loop), a closed loop at 64 clients 55 000 -> 55 500-56 400 tok/s.
+NORMED_MAX_ROWS = {FLOAT: 64}
 LM_HEAD_MAX_ROWS = 256
 # Up to this many rows (a power of two below 16), a linear takes register dot products of each row with
 # a narrow slab of its whole K requested before the previous kernel ends, as one row does; tl.dot needs 16
@@ -584,9 +590,11 @@ def _cap_k(bm: int, bn: int, bk: int, elem: int) -> int:
 
 def row_limit(fmt: int, norm: torch.nn.LayerNorm | None, residual: torch.Tensor | None) -> int:
     """The most rows at which a linear of this weight format, with this norm and residual, runs as a kernel
-    (`MAX_ROWS`, `RESIDUAL_MAX_ROWS`)."""
+    (`MAX_ROWS`, `RESIDUAL_MAX_ROWS`, `NORMED_MAX_ROWS`)."""
     if norm is None and residual is not None:
         return max(MAX_ROWS[fmt], RESIDUAL_MAX_ROWS.get(fmt, 0))
+    if norm is not None:
+        return max(MAX_ROWS[fmt], NORMED_MAX_ROWS.get(fmt, 0))
     return MAX_ROWS[fmt]
 
 
