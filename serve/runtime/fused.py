@@ -59,7 +59,7 @@ ACTIVATIONS = {  # TRT-LLM hidden_act names
 ACT_CODES = {None: 0, "gelu": 1, "gelu_new": 2, "relu": 3}
 # Rows up to which the kernels pay on the H100 (`scripts/bench_kernels.py --rows ...`); more rows take
 # the reference. fp16: cuBLAS plus separate norm/activation/add kernels is faster from 17 rows on, except
-# in the decoder's layers up to 64 rows (`RESIDUAL_MAX_ROWS`, `NORMED_MAX_ROWS`).
+# for layers with a norm or a residual up to 64 rows (`RESIDUAL_MAX_ROWS`, `NORMED_MAX_ROWS`).
 # int8/int4: the reference dequantizes the whole weight for cuBLAS every step, so the kernels pay up to
 # 128 rows, where they read each weight tile once per 64 rows (a decoder layer at 128 rows: int8 99 µs
 # fused vs 135 dequantized, int4 114 vs 327). The lm_head top-K pays at every batch.
