@@ -101,6 +101,7 @@ def test_passes_past_the_largest_bucket_stay_packed(tiny_ckpt):
     assert bucketed.bucket(sources[:fits])[0] == 256
     assert bucketed.bucket(sources[: fits + 1]) is None
     assert bucketed.bucket([[5]] * 65) is None  # more sources than max_sources (64)
+    assert bucketed.bucket([]) == (16, SHORT)  # no sources: the smallest bucket, not an error
     assert buckets(TOKENS, 20) == [16, 20] and buckets(TOKENS, 10**6) == list(TOKENS)
 
 

@@ -85,7 +85,7 @@ class EncodeRunner:
     def bucket(self, sources: list[list[int]]) -> tuple[int, int] | None:
         """The smallest (tokens, longest source) bucket that holds these sources; None: run eagerly, unpadded."""
         size = next((t for t in self.sizes if t >= sum(map(len, sources))), None)
-        length = next((n for n in self.lengths if n >= max(map(len, sources))), None)
+        length = next((n for n in self.lengths if n >= max(map(len, sources), default=0)), None)
         ok = size is not None and length is not None and len(sources) <= self.max_sources
         return (size, length) if ok else None
 
