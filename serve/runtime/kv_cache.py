@@ -78,10 +78,8 @@ class KVPool:
 
     def slots(self, blocks: list[int], start: int, count: int) -> np.ndarray:
         """Flat slot indices (int64) of token positions start..start+count-1 in a block table."""
-        positions = np.arange(start, start + count)
-        return np.asarray(blocks, dtype=np.int64)[positions // self.block_size] * self.block_size + (
-            positions % self.block_size
-        )
+        positions, bs = np.arange(start, start + count), self.block_size
+        return np.asarray(blocks, dtype=np.int64)[positions // bs] * bs + positions % bs
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         write_kv(*self.layers[layer], slots, k, v)
