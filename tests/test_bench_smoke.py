@@ -5,6 +5,7 @@ match HF exactly); scripts/kernel_asm.py compiles for a GPU that is not here."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,6 +52,13 @@ def test_bench_smoke_writes_table_json_and_plot(tmp_path):
     bytes_per_step = {n: report["contenders"][n]["weight_bytes_per_step"] for n in runtime}
     assert bytes_per_step["runtime float32+shortlist"] < bytes_per_step["runtime float32"]
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_hf_batch1_step_comes_only_from_a_level_of_one_client():
+    from scripts.bench import lone_ms_per_token
+
+    assert lone_ms_per_token({"1": {"tokens_per_s": 125.0}, "64": {"tokens_per_s": 4000.0}}) == 8.0
+    assert math.isnan(lone_ms_per_token({"64": {"tokens_per_s": 4000.0}}))
 
 
 def test_bench_tp_mode_serves_each_variant_at_tp1_and_tp2_with_the_same_tokens(tmp_path):
