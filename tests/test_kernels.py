@@ -7,6 +7,8 @@ interpreter (float32 there); CUDA-graph decode runs on the GPU only.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -547,6 +549,30 @@ def test_decode_with_kernels_matches_reference_path(shortlisted_ckpt, kernel_dev
         finally:
             fused.ENABLED = True
         assert with_kernels == without
+
+
+def test_layer_norm_kernel_matches_the_module(kernel_device, monkeypatch):
+    """The norm-first launch (`fused.layer_norm`) is the module's LayerNorm: rows far from zero (its two
+    passes keep the variance's digits), a width that is not a power of two (masked lanes stay out of the
+    statistics), and a [batch, rows, d] input. At `TORCH_NORM_ROWS` the module itself runs."""
+    from serve.runtime import fused
+
+    g = torch.Generator().manual_seed(6)
+    dtypes = [torch.float16, torch.bfloat16] if kernel_device == "cuda" else [torch.float32]
+    for dtype, d, shape in itertools.product(dtypes, (96, 1024), ((1, 1), (2, 7))):
+        norm = torch.nn.LayerNorm(d, device=kernel_device, dtype=dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
+            norm.bias.copy_(torch.rand(d, generator=g) - 0.5)
+        x = (torch.randn(*shape, d, generator=g) * 3 + 40).to(kernel_device, dtype).squeeze(1)
+        got, ref = fused.layer_norm(x, norm), norm(x)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert got.shape == ref.shape and got.dtype == dtype
+        assert (got.float() - ref.float()).abs().max().item() < tol, (dtype, d, shape)
+    monkeypatch.setattr(fused, "_layer_norm_kernel", None)  # launching it would fail
+    x = torch.randn(fused.TORCH_NORM_ROWS[1], 96, generator=g).to(kernel_device, dtypes[0])
+    norm = torch.nn.LayerNorm(96, device=kernel_device, dtype=dtypes[0])
+    assert torch.equal(fused.layer_norm(x, norm), norm(x))
 
 
 def test_embedding_kernel_matches_reference(kernel_device):

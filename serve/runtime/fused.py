@@ -26,7 +26,8 @@ The self-attention QKV projection also stores its K and V thirds in the paged ca
 over a shortlist), but never writes the [rows, vocab] logits: each program reduces its vocabulary
 tile to a softmax partial (max, sum of exponentials) and its local top-K, and a small merge gives
 each row's top-K log-probabilities.
-`embed` runs the embeddings' lookups, scale, sum and LayerNorm as one launch.
+`embed` runs the embeddings' lookups, scale, sum and LayerNorm as one launch, and `layer_norm` a norm that
+runs first (from `NORM_FIRST_ROWS` rows, and the lm_head's).
 
 All three fall back to the PyTorch composition they are tested against (`*_reference`) off CUDA,
 for more rows than `row_limit`, under tensor parallelism where a kernel would need a collective
@@ -90,6 +91,12 @@ REGISTER_ROWS = 4
 # int8 even at 16 rows and faster from 32 (`kernels-norm-first.json` under scripts/results/h200); fp16 graph
 # replays at 4 / 8 rows 0.83 / 0.84 -> 0.69 / 0.71 ms (`replay-norm-first.json`).
 NORM_FIRST_ROWS = REGISTER_ROWS + 1
+# Rows at which a norm that runs first stays PyTorch's launch instead of `layer_norm`'s. Graphs on the H200 replayed
+# on a closed loop's last step, two rounds in one process (`ln-rows-ab.json`, `ln-warps-ab.json`), PyTorch's ->
+# `layer_norm`: 8 rows 0.789 -> 0.831-0.836 ms (one warp a row or four), 8 clients 9 700 -> 9 500 tok/s; 16 rows
+# 0.862 -> 0.864-0.875 ms but 16 clients 18 200 -> 18 800-19 000 tok/s; 64 rows 1.004 -> 0.879 ms. At four rows
+# (only the lm_head's norm runs first) 0.600 -> 0.597.
+TORCH_NORM_ROWS = (NORM_FIRST_ROWS, 8)
 # The most programs a split-K linear launches (the H100 has 132 SMs)
 SPLIT_PROGRAMS = {FLOAT: 128, INT8: 128, INT4: 256}
 LOCKS = 4096  # output tiles a split-K launch may have: one arrival counter each
@@ -484,27 +491,49 @@ if triton is not None:
             cand = tl.where(c == best, float("-inf"), cand)
 
     @triton.jit
+    def _normalized(x, ok, g, b, D, eps):
+        """LayerNorm of one fp32 row x (masked by ok) with the norm's fp32 weight g and bias b: the mean, then
+        the centred squares, from the row in registers."""
+        mean = tl.sum(x, axis=0) / D
+        diff = tl.where(ok, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
+        return diff * rstd * g + b
+
+    @triton.jit
+    def _layer_norm_kernel(x_ptr, g_ptr, beta_ptr, y_ptr, D, eps, stride_x, stride_y, BLOCK_D: tl.constexpr,
+                           PDL: tl.constexpr):  # fmt: skip
+        # One row per program. Unlike PyTorch's LayerNorm it takes programmatic dependent launch both ways: it is
+        # running, its weights read, when its predecessor ends, and it lets its successor start early.
+        pdl_start(PDL)
+        d = tl.arange(0, BLOCK_D)
+        ok = d < D
+        g = tl.load(g_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(beta_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
+        i = tl.program_id(0)
+        x = tl.load(x_ptr + i * stride_x + d, mask=ok, other=0.0).to(tl.float32)
+        y = _normalized(x, ok, g, b, D, eps)
+        tl.store(y_ptr + i * stride_y + d, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _embed_kernel(tokens_ptr, positions_ptr, tok_w_ptr, pos_w_ptr, g_ptr, beta_ptr, y_ptr, D, scale, eps,
                       stride_tok, stride_pos, stride_y, BLOCK_D: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         # One row per program, rounded where PyTorch's ops round: the scaled token embedding and the sum
         # in the weights' dtype, the LayerNorm in float32.
         pdl_start(PDL)
-        pdl_wait(PDL)  # the tokens may be the previous step's choices
-        i = tl.program_id(0)
         d = tl.arange(0, BLOCK_D)
         ok = d < D
+        g = tl.load(g_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(beta_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        pdl_wait(PDL)  # the tokens may be the previous step's choices
+        i = tl.program_id(0)
         token = tl.load(tokens_ptr + i)
         position = tl.load(positions_ptr + i)
         dtype = y_ptr.dtype.element_ty
         e = (tl.load(tok_w_ptr + token * stride_tok + d, mask=ok, other=0.0).to(tl.float32) * scale).to(dtype)
         p = tl.load(pos_w_ptr + position * stride_pos + d, mask=ok, other=0.0)
         x = (e.to(tl.float32) + p.to(tl.float32)).to(dtype).to(tl.float32)
-        mean = tl.sum(x, axis=0) / D
-        diff = tl.where(ok, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
-        g = tl.load(g_ptr + d, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(beta_ptr + d, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + i * stride_y + d, (diff * rstd * g + b).to(dtype), mask=ok)
+        tl.store(y_ptr + i * stride_y + d, _normalized(x, ok, g, b, D, eps).to(dtype), mask=ok)
 
 
 def _block_m(m: int) -> int:
@@ -607,11 +636,43 @@ def usable(x: torch.Tensor, w: Weights | None, max_rows: int | None = None) -> b
 
 
 def _norm_first(x: torch.Tensor, norm: torch.nn.LayerNorm | None, min_rows: int):
-    """(LN(x), None) from `min_rows` rows on, as its own launch: a kernel's output tiles would each
-    re-read all rows twice for the statistics. Below that, (x, norm) for the kernel's prologue."""
+    """(LN(x), None) from `min_rows` rows on, as its own launch (`layer_norm`): a kernel's output tiles would
+    each re-read all rows twice for the statistics. Below that, (x, norm) for the kernel's prologue."""
     if norm is not None and x.numel() >= min_rows * x.shape[-1]:
-        return norm(x), None
+        return layer_norm(x, norm), None
     return x, norm
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """norm(x) as a Triton launch with programmatic dependent launch where Triton runs, except at
+    `TORCH_NORM_ROWS` (else the module).
+
+    From `NORM_FIRST_ROWS` rows a decode step runs 37 of them (before 36 linears and the lm_head). PyTorch's
+    LayerNorm kernel starts only once its predecessor has ended, and its successor only once it has ended:
+    a launch gap on both sides of each. The fp16 64-row graph on the H200 (mid-wave, one process, two rounds;
+    `ln-split-ab.json`): zh 0.922 -> 0.803 ms a step, ru 1.088 -> 0.963; what the norms add to the step's
+    critical path, 142 -> 45 us. Closed loops over every language at 16 / 64 / 128 clients (second round):
+    17 800 / 52 500 / 61 300 -> 18 500 / 59 000 / 70 900 tok/s."""
+    d = x.shape[-1]
+    rows = x.numel() // d if d else 0
+    lo, hi = TORCH_NORM_ROWS
+    affine = norm.weight is not None and norm.bias is not None
+    if (
+        not (ENABLED and kernels.triton_ok(x) and affine)
+        or norm.weight.dtype != x.dtype
+        or not rows
+        or lo <= rows <= hi
+    ):
+        return norm(x)
+    x2 = x.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(d)
+    _layer_norm_kernel[(x2.shape[0],)](x2, norm.weight, norm.bias, y, d, norm.eps, x2.stride(0), y.stride(0),
+                                       BLOCK_D=block, num_warps=max(1, min(8, block // 256)),
+                                       **kernels.pdl_args(x))  # fmt: skip
+    return y.reshape(x.shape)
 
 
 def _common(x: torch.Tensor, w: Weights, norm: torch.nn.LayerNorm | None):
