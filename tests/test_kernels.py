@@ -69,7 +69,9 @@ def test_triton_kernel_matches_reference(dtype, kernel_device):
     for got in (paged_attention(*args), paged_attention_triton(*args, chunk=32),
                 paged_attention_triton(*args, chunk=32, static=True), paged_attention_triton(*args, num_warps=4),
                 paged_attention_triton(*args, static=True),
-                paged_attention_triton(*args, fresh_from=fresh_from)):  # fmt: skip
+                paged_attention_triton(*args, fresh_from=fresh_from),
+                paged_attention_triton(*args, chunk=32, splits=4, static=True),
+                paged_attention_triton(*args, chunk=32, splits=2, fresh_from=fresh_from)):  # fmt: skip
         assert (got.float() - ref.float()).abs().max().item() <= tol
 
 

@@ -3,8 +3,9 @@
 Each query row (one new decoder token) attends to the first `lens[row]` positions stored in
 the blocks of `tables[row]`. The kernel reads only those blocks, with an online softmax, so
 its cost follows the real context length rather than the table width; that also makes it
-safe to capture in a CUDA graph with fixed-width tables. The reference is the definition the
-kernel is tested against.
+safe to capture in a CUDA graph with fixed-width tables. A context longer than `CHUNK` positions is
+split over up to `SPLITS` programs, and the last of them to finish merges their softmax partials. The
+reference is the definition the kernel is tested against.
 
 It also holds what every decode kernel shares: whether Triton can run (`triton_ok`), and
 programmatic dependent launch (`pdl_args`): on Hopper, each kernel lets the next one start as soon as all
@@ -32,6 +33,15 @@ except ImportError:  # CPU-only installs
 CPU_INTERPRETER = False
 CHUNK = 128  # context positions the attention kernel reads per iteration (a quarter or half where that fits)
 TWO_WARP_ROWS = 8  # query rows from which the attention kernel runs two warps a program
+# The most programs one (row, head)'s context is split over, taking every SPLITS-th chunk of CHUNK positions each.
+# The fp16 64-row graph on the H200 (mid-wave, one process, two rounds; `ln-split-ab.json`), 1 -> 2 splits: ru
+# sources (up to 299 tokens) 0.963 -> 0.922 ms a step, its cross-attention 221 -> 166 us; zh (up to 118) 0.803 ->
+# 0.816, its self-attention 74 -> 80 (programs with nothing to do); closed loops over every language at 16 / 64 /
+# 128 clients 18 500 / 59 000 / 70 900 -> 19 100 / 60 400 / 73 100 tok/s (medians of the second round; the first
+# round's loops spread by up to 14%). Four splits: self-attention 110 us, cross-attention no better, 64 clients 54 900.
+SPLITS = 2
+LOCKS = 8192  # (row, head) pairs a split launch may have: one arrival counter each
+_LOCKS: dict[torch.device, torch.Tensor] = {}
 EARLY_ALL, EARLY_OLD = 1, 2  # what the attention kernel reads before its predecessor ends (`paged_attention`)
 PDL = os.environ.get("MT_PDL", "1") != "0"
 
@@ -137,50 +147,95 @@ if triton is not None:
 
     @triton.jit
     def _paged_attention_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, fresh_ptr, out_ptr, scale,
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, fresh_ptr, out_ptr, ws_ptr, lock_ptr, scale,
         stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, EARLY: tl.constexpr,
-        PDL: tl.constexpr,
+        SPLITS: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         # A context of up to a quarter or a half of CHUNK positions takes one chunk of that size, a
         # tile sized to it instead of a mostly masked one of CHUNK. On the H200 with fresh_from
         # (`scripts/bench_kernels.py --shapes attention`): one row and 32 positions 2.6 -> 1.7 us, 64 rows
         # and 32 / 64 positions 11.5 / 12.9 -> 5.2 / 7.9 us (with `TWO_WARP_ROWS`); 128 positions unchanged.
+        # A longer context is split over up to SPLITS programs (program_id(2)), which take every SPLITS-th
+        # chunk each, so that each requests its first chunk before the wait; each stores its softmax partial
+        # and counts itself in the (row, head)'s lock, and the last to arrive merges them in split order.
         pdl_start(PDL)
         row = tl.program_id(0)
         head = tl.program_id(1)
+        split = tl.program_id(2)
         if EARLY == 0:
             pdl_wait(PDL)
         length = tl.load(lens_ptr + row)
+        active = tl.minimum(tl.cdiv(length, CHUNK), SPLITS)
+        out = out_ptr + row * stride_on + head * stride_oh + tl.arange(0, HEAD_DIM)
         if length <= CHUNK // 4:
-            _attend_row(q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, out_ptr, scale, row, head, length, stride_qn,
-                        stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh, BLOCK_SIZE,
-                        HEAD_DIM, CHUNK // 4, EARLY, PDL)  # fmt: skip
+            if split == 0:
+                m, denom, acc = _attend_row(q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, scale, row, head, 0, length,
+                                            stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_tn,
+                                            BLOCK_SIZE, HEAD_DIM, CHUNK // 4, 1, EARLY, PDL)  # fmt: skip
+                tl.store(out, (acc / denom).to(out_ptr.dtype.element_ty))
         elif length <= CHUNK // 2:
-            _attend_row(q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, out_ptr, scale, row, head, length, stride_qn,
-                        stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh, BLOCK_SIZE,
-                        HEAD_DIM, CHUNK // 2, EARLY, PDL)  # fmt: skip
-        else:
-            _attend_row(q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, out_ptr, scale, row, head, length, stride_qn,
-                        stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh, BLOCK_SIZE,
-                        HEAD_DIM, CHUNK, EARLY, PDL)  # fmt: skip
+            if split == 0:
+                m, denom, acc = _attend_row(q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, scale, row, head, 0, length,
+                                            stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_tn,
+                                            BLOCK_SIZE, HEAD_DIM, CHUNK // 2, 1, EARLY, PDL)  # fmt: skip
+                tl.store(out, (acc / denom).to(out_ptr.dtype.element_ty))
+        elif split < active:
+            m, denom, acc = _attend_row(q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, scale, row, head, split, length,
+                                        stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_tn, BLOCK_SIZE,
+                                        HEAD_DIM, CHUNK, SPLITS, EARLY, PDL)  # fmt: skip
+            if active == 1:
+                tl.store(out, (acc / denom).to(out_ptr.dtype.element_ty))
+            else:
+                _merge_splits(m, denom, acc, out, ws_ptr, lock_ptr, row, head, split, active, SPLITS,
+                              HEAD_DIM)  # fmt: skip
+
+    @triton.jit
+    def _merge_splits(m, denom, acc, out, ws_ptr, lock_ptr, row, head, split, active, SPLITS: tl.constexpr,
+                      HEAD_DIM: tl.constexpr):  # fmt: skip
+        """Store this split's (max, denominator, weighted sum); the last of the `active` splits to arrive
+        merges them in split order (so the result does not depend on arrival order), writes the output and
+        resets the lock for the next launch or graph replay."""
+        pair = row * tl.num_programs(1) + head
+        part = ws_ptr + (pair * SPLITS + split) * (HEAD_DIM + 2)
+        dims = tl.arange(0, HEAD_DIM)
+        tl.store(part + dims, acc)
+        tl.store(part + HEAD_DIM, m)
+        tl.store(part + HEAD_DIM + 1, denom)
+        # acq_rel: releases this program's stores, and the last to arrive acquires the others'
+        if tl.atomic_add(lock_ptr + pair, 1, sem="acq_rel") == active - 1:
+            first = ws_ptr + pair * SPLITS * (HEAD_DIM + 2)
+            top = tl.load(first + HEAD_DIM, cache_modifier=".cg")
+            for i in range(1, active):
+                top = tl.maximum(top, tl.load(first + i * (HEAD_DIM + 2) + HEAD_DIM, cache_modifier=".cg"))
+            total = tl.zeros((), tl.float32)
+            merged = tl.zeros((HEAD_DIM,), tl.float32)
+            for i in range(0, active):
+                p = first + i * (HEAD_DIM + 2)
+                w = tl.exp(tl.load(p + HEAD_DIM, cache_modifier=".cg") - top)
+                total += w * tl.load(p + HEAD_DIM + 1, cache_modifier=".cg")
+                merged += w * tl.load(p + dims, cache_modifier=".cg")
+            tl.atomic_xchg(lock_ptr + pair, 0)
+            tl.store(out, (merged / total).to(out.dtype.element_ty))
 
     @triton.jit
     def _attend_row(
-        q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, out_ptr, scale, row, head, length, stride_qn, stride_qh,
-        stride_kb, stride_ks, stride_kh, stride_tn, stride_on, stride_oh, BLOCK_SIZE: tl.constexpr,
-        HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, tables_ptr, fresh_ptr, scale, row, head, split, length, stride_qn, stride_qh,
+        stride_kb, stride_ks, stride_kh, stride_tn, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+        CHUNK: tl.constexpr, SPLITS: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        # CHUNK positions per iteration, gathered across as many cache blocks as they span: a decode
-        # step's context usually fits one chunk, so its K and V arrive in one round trip. With EARLY,
-        # the first chunk is requested before waiting for the previous kernel (lengths and tables are
-        # written before the step's first decode kernel): EARLY_ALL, all of it (cross-attention);
-        # EARLY_OLD, all of it, then its positions from fresh_from on, which this step's QKV kernel
-        # writes, are read again after the wait. Either way only q and those come after it.
-        k, v, valid, kv_off = _kv_chunk(k_ptr, v_ptr, tables_ptr, row, head, 0, length, stride_kb, stride_ks,
-                                        stride_kh, stride_tn, BLOCK_SIZE, HEAD_DIM, CHUNK)  # fmt: skip
+        # (max, denominator, weighted sum) of the online softmax over chunks split, split + SPLITS, ... of
+        # CHUNK positions, each gathered across as many cache blocks as it spans: a decode step's context
+        # usually fits one chunk, so its K and V arrive in one round trip. With EARLY, the first chunk is
+        # requested before waiting for the previous kernel (lengths and tables are written before the step's
+        # first decode kernel): EARLY_ALL, all of it (cross-attention); EARLY_OLD, all of it, then its
+        # positions from fresh_from on, which this step's QKV kernel writes, are read again after the wait.
+        # Either way only q and those come after it.
+        c_first = split * CHUNK
+        k, v, valid, kv_off = _kv_chunk(k_ptr, v_ptr, tables_ptr, row, head, c_first, length, stride_kb,
+                                        stride_ks, stride_kh, stride_tn, BLOCK_SIZE, HEAD_DIM, CHUNK)  # fmt: skip
         if EARLY == 2:  # EARLY_OLD
-            again = valid & (tl.arange(0, CHUNK) >= tl.load(fresh_ptr + row))
+            again = valid & (c_first + tl.arange(0, CHUNK) >= tl.load(fresh_ptr + row))
         if EARLY != 0:
             pdl_wait(PDL)
         if EARLY == 2:  # EARLY_OLD
@@ -194,33 +249,46 @@ if triton is not None:
         q = tl.load(q_ptr + row * stride_qn + head * stride_qh + dims).to(tl.float32) * scale
         m, denom, acc = _attend(q, k, v, valid, tl.full((), float("-inf"), tl.float32), tl.zeros((), tl.float32),
                                 tl.zeros((HEAD_DIM,), tl.float32))  # fmt: skip
-        for c0 in range(CHUNK, length, CHUNK):  # after the wait: these may include this step's positions
+        # after the wait: these may include this step's positions
+        for c0 in range(c_first + SPLITS * CHUNK, length, SPLITS * CHUNK):
             k, v, valid, _ = _kv_chunk(k_ptr, v_ptr, tables_ptr, row, head, c0, length, stride_kb, stride_ks,
                                        stride_kh, stride_tn, BLOCK_SIZE, HEAD_DIM, CHUNK)  # fmt: skip
             m, denom, acc = _attend(q, k, v, valid, m, denom, acc)
-        out = acc / denom
-        tl.store(out_ptr + row * stride_on + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+        return m, denom, acc
 
 
 def paged_attention_triton(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
     scale: float, chunk: int = CHUNK, static: bool = False, fresh_from: torch.Tensor | None = None,
-    num_warps: int | None = None,
+    num_warps: int | None = None, splits: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """`static`, `fresh_from`: see `paged_attention`. From `TWO_WARP_ROWS` rows, two warps a program: on the
     H200 at 64 rows and 32 / 64 positions (fresh_from), 5.2 / 7.9 against 7.9 / 9.7 us with four; fewer rows
-    keep four, which a long context at one row favours (128 positions: 2.2 against 2.9 us)."""
+    keep four, which a long context at one row favours (128 positions: 2.2 against 2.9 us). `splits`: the
+    most programs a (row, head)'s context is split over (`SPLITS`)."""
     n, heads, head_dim = q.shape
     out = torch.empty_like(q)
     early = EARLY_ALL if static else EARLY_OLD if fresh_from is not None else 0
-    _paged_attention_kernel[(n, heads)](
-        q, k_pool, v_pool, tables, lens, fresh_from if fresh_from is not None else lens, out, scale,
-        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), tables.stride(0),
+    splits = splits or SPLITS
+    if n * heads > LOCKS:
+        splits = 1
+    ws = torch.empty(n * heads * splits * (head_dim + 2) if splits > 1 else 1, dtype=torch.float32,
+                     device=q.device)  # fmt: skip
+    _paged_attention_kernel[(n, heads, splits)](
+        q, k_pool, v_pool, tables, lens, fresh_from if fresh_from is not None else lens, out, ws, _locks(q.device),
+        scale, q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), tables.stride(0),
         out.stride(0), out.stride(1), BLOCK_SIZE=k_pool.shape[1], HEAD_DIM=head_dim, CHUNK=chunk,
-        EARLY=early, num_warps=num_warps or (2 if n >= TWO_WARP_ROWS else 4),
+        EARLY=early, SPLITS=splits, num_warps=num_warps or (2 if n >= TWO_WARP_ROWS else 4),
         **pdl_args(q),
     )  # fmt: skip
     return out
+
+
+def _locks(device: torch.device) -> torch.Tensor:
+    """Per-(row, head) arrival counters of split contexts; zero between launches (each resets its own)."""
+    if device not in _LOCKS:
+        _LOCKS[device] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
+    return _LOCKS[device]
 
 
 def paged_attention(
