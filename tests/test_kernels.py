@@ -56,7 +56,8 @@ def test_reference_matches_per_row_definition():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_triton_kernel_matches_reference(dtype, kernel_device):
     """Every chunk tier (contexts up to a quarter, a half and more of `kernels.CHUNK`, several chunks), two
-    warps (the default at these ten rows) and four, and what the kernel reads before its wait."""
+    warps (the default at these ten rows) and four, what the kernel reads before its wait, and contexts in one
+    program or split over two (the default) or four, each of several chunks where 32-position chunks split them."""
     if kernel_device == "cpu" and dtype != torch.float32:
         pytest.skip("the interpreter runs float32")
     heads = 16 if kernel_device == "cuda" else 2
@@ -69,7 +70,7 @@ def test_triton_kernel_matches_reference(dtype, kernel_device):
     for got in (paged_attention(*args), paged_attention_triton(*args, chunk=32),
                 paged_attention_triton(*args, chunk=32, static=True), paged_attention_triton(*args, num_warps=4),
                 paged_attention_triton(*args, static=True),
-                paged_attention_triton(*args, fresh_from=fresh_from),
+                paged_attention_triton(*args, fresh_from=fresh_from), paged_attention_triton(*args, splits=1),
                 paged_attention_triton(*args, chunk=32, splits=4, static=True),
                 paged_attention_triton(*args, chunk=32, splits=2, fresh_from=fresh_from)):  # fmt: skip
         assert (got.float() - ref.float()).abs().max().item() <= tol
