@@ -106,6 +106,22 @@ def test_profile_smoke_splits_the_loop_and_idle_gaps_go_to_the_host_phase(tmp_pa
     assert abs(t["device_busy_ms"] - 0.32) < 1e-9 and t["span_ms"] == 1.4
 
 
+def test_kernel_shares_of_the_critical_path_add_up_to_the_span(capsys):
+    """Overlapping kernels (programmatic dependent launch) are charged only past the latest end before them,
+    and a gap goes to the kernel after it, so the shares add up to first start to last end."""
+    from scripts.profile_step import group_kernels, print_kernels
+
+    spans = [("b", 5.0, 10.0), ("a", 0.0, 10.0), ("c", 20.0, 2.0), ("b", 21.0, 0.5)]  # (name, start, µs)
+    table = {k["name"]: k for k in group_kernels(spans)}
+    assert {n: (k["count"], k["us"], k["path_us"]) for n, k in table.items()} == {
+        "a": (1, 10.0, 10.0), "b": (2, 10.5, 5.0), "c": (1, 2.0, 7.0)
+    }  # fmt: skip
+    assert [k["name"] for k in group_kernels(spans)] == ["a", "c", "b"]
+    assert group_kernels([]) == []
+    print_kernels(group_kernels(spans))
+    assert "| c | 1 | 7.0 | 2.0 |" in capsys.readouterr().out.splitlines()
+
+
 def test_profile_quantizes_the_random_checkpoint_it_profiles(tmp_path):
     """--quant profiles an RTN checkpoint of the random model (for the int8/int4 decode graphs' replays on a GPU;
     int4's groups of 128 inputs are wider than the tiny model)."""
