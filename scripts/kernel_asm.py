@@ -1,16 +1,20 @@
-"""What a fused decode linear compiles to on a GPU architecture, on any machine (no GPU needed).
+"""What a fused decode linear, the paged attention and the norm-first LayerNorm compile to on a GPU
+architecture, on any machine (no GPU needed).
 
 GPU time is scarce, and some costs can be read off the compiled kernel: a layout conversion is a
 round trip through shared memory with barriers, and a load's width says how many trips a tile takes.
 This calls `fused.linear_triton` with CPU tensors of a decoder layer's shape, as the runtime would
 (the same tiles, split-K and specialization), but compiles for --arch instead of launching, and
 prints per format the layout conversions, barriers, global loads, machine instructions after the wait
-for the previous kernel, registers and spills of the result.
+for the previous kernel, registers and spills of the result. The shapes `self attention`, `cross attention`
+and `layer norm` compile the decode step's other kernels (fp16 only): an attention program's registers
+decide how many fit an SM before their wait (at 64 rows, 1 024 programs of 163-237 registers did not).
 It also catches what Triton's interpreter cannot: code that runs there but does not compile for the
 GPU (the CPU tests compile every row variant of two shapes with it).
 
     python scripts/kernel_asm.py --shapes dense,"cross q" --formats fp16,int8 --rows 1,2
     python scripts/kernel_asm.py --shapes fc --formats int4 --out /tmp/asm  # + JSON, .ttgir, .ptx, .sass
+    python scripts/kernel_asm.py --shapes "self attention,cross attention,layer norm" --formats fp16 --rows 64
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 os.environ.pop("TRITON_INTERPRET", None)  # compile, not interpret (the CPU test suite sets it)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.bench_kernels import SHAPES, weights  # noqa: E402
+from scripts.bench_kernels import HEADS, HIDDEN, SHAPES, weights  # noqa: E402
 from serve.runtime import fused, kernels  # noqa: E402
 
 
@@ -124,10 +128,43 @@ def resources(cubin: bytes) -> dict:
     return {"registers": int(usage["REG"]), "spilled bytes": int(usage["STACK"]) + int(usage["LOCAL"])}
 
 
+OTHER_SHAPES = ("self attention", "cross attention", "layer norm")
+
+
+def launch(name: str, fmt: str, rows: int) -> None:
+    """Call what the decode step calls for this shape at `rows` rows, with CPU tensors (under `compiling_for`)."""
+    if name in OTHER_SHAPES:
+        if name == "layer norm":  # `fused.layer_norm` runs its kernel where Triton can (the CPU, here)
+            saved, kernels.CPU_INTERPRETER = kernels.CPU_INTERPRETER, True
+            try:
+                fused.layer_norm(torch.randn(rows, HIDDEN, dtype=torch.float16),
+                                 torch.nn.LayerNorm(HIDDEN, dtype=torch.float16))  # fmt: skip
+            finally:
+                kernels.CPU_INTERPRETER = saved
+            return
+        block, width = 16, 64  # cache blocks of 16 positions, 1 024 positions a row
+        pool = torch.zeros(rows * width + 1, block, HEADS, HIDDEN // HEADS, dtype=torch.float16)
+        tables = torch.zeros(rows, width, dtype=torch.int32)
+        lens = torch.full((rows,), 300, dtype=torch.int32)
+        early = {"static": True} if name == "cross attention" else {"fresh_from": lens - 1}
+        q = torch.zeros(rows, HEADS, HIDDEN // HEADS, dtype=torch.float16)
+        kernels.paged_attention_triton(q, pool, pool, tables, lens, 0.125, **early)
+        return
+    n, k, ln, has_bias, act, has_res = SHAPES[name]
+    kw = dict(
+        bias=torch.zeros(n, dtype=torch.float16) if has_bias else None,
+        norm=torch.nn.LayerNorm(k, dtype=torch.float16) if ln else None,
+        act=act,
+        residual=torch.zeros(rows, n, dtype=torch.float16) if has_res else None,
+    )
+    fused.linear_triton(torch.randn(rows, k, dtype=torch.float16), weights(fmt, n, k, "cpu"), n, **kw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"decoder linears, of {', '.join(SHAPES)}")
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help=f"decoder linears, of {', '.join(SHAPES)}; or {', '.join(OTHER_SHAPES)} (fp16)")  # fmt: skip
     ap.add_argument("--formats", default="fp16,int8,int4")
     ap.add_argument("--rows", default="1", help="row counts, e.g. 1,2,20 (each picks its own kernel variant)")
     ap.add_argument(
@@ -140,18 +177,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for name, rows in itertools.product(args.shapes.split(","), (int(r) for r in args.rows.split(","))):
-        n, k, ln, has_bias, act, has_res = SHAPES[name]
-        x = torch.randn(rows, k, dtype=torch.float16)
-        kw = dict(
-            bias=torch.zeros(n, dtype=torch.float16) if has_bias else None,
-            norm=torch.nn.LayerNorm(k, dtype=torch.float16) if ln else None,
-            act=act,
-            residual=torch.zeros(rows, n, dtype=torch.float16) if has_res else None,
-        )
         for fmt in args.formats.split(","):
+            if name in OTHER_SHAPES and fmt != "fp16":
+                continue
             compiled: list = []
             with compiling_for(args.arch, compiled):
-                fused.linear_triton(x, weights(fmt, n, k, "cpu"), n, **kw)
+                launch(name, fmt, rows)
+            if not compiled:
+                print(f"| {name} | {fmt} | {rows} | PyTorch runs it at this row count |")
+                continue
             sass = cuobjdump(compiled[0].asm["cubin"], "-sass")
             s = summary(compiled[0], sass)
             results.append({"shape": name, "fmt": fmt, "rows": rows, "arch": args.arch, **s})

@@ -131,6 +131,28 @@ def test_profile_quantizes_the_random_checkpoint_it_profiles(tmp_path):
     assert report["quant_algo"] == "W8A16" and report["host_split"]["tokens_per_s"] > 0
 
 
+def test_kernel_asm_compiles_the_attention_and_norm_kernels_for_hopper_without_a_gpu(tmp_path):
+    """The decode step's other kernels compile for sm_90 as the runtime launches them (attention with its
+    context split and its early reads, the norm-first LayerNorm) at one row and at 20, with PDL's wait, and
+    no norm kernel is compiled where PyTorch's runs instead (`fused.TORCH_NORM_ROWS`)."""
+    pytest.importorskip("triton")
+    from serve.runtime import fused
+
+    shapes = "self attention,cross attention,layer norm"
+    rows = f"1,20,{fused.TORCH_NORM_ROWS[1]}"
+    run(["scripts/kernel_asm.py", "--shapes", shapes, "--formats", "fp16,int8", "--rows", rows, "--out",
+         str(tmp_path)], tmp_path)  # fmt: skip
+    report = json.loads((tmp_path / "kernel_asm.json").read_text())
+    expected = {(s, r) for s in shapes.split(",") for r in (1, 20)} | {
+        (s, fused.TORCH_NORM_ROWS[1]) for s in ("self attention", "cross attention")
+    }
+    assert {(r["shape"], r["rows"]) for r in report} == expected and {r["fmt"] for r in report} == {"fp16"}
+    for r in report:
+        assert 0 < r["registers"] <= 255 and r["spilled bytes"] == 0, r
+        ptx = (tmp_path / f"{r['shape'].replace(' ', '_')}-fp16-{r['rows']}rows.ptx").read_text()
+        assert ".target sm_90" in ptx and "griddepcontrol.wait" in ptx
+
+
 def test_kernel_asm_compiles_every_row_variant_of_the_runtimes_linears_for_hopper_without_a_gpu(tmp_path):
     """A linear with a LayerNorm (QKV) and one without (the attention output), in every format, at one and
     four rows (register dot products, up to `fused.REGISTER_ROWS`) and at 20 (tl.dot tiles), compiled for
