@@ -569,9 +569,9 @@ def test_layer_norm_kernel_matches_the_module(kernel_device, monkeypatch):
             norm.bias.copy_(torch.rand(d, generator=g) - 0.5)
         x = (torch.randn(*shape, d, generator=g) * 3 + 40).to(kernel_device, dtype).squeeze(1)
         got, ref = fused.layer_norm(x, norm), norm(x)
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # relative: a bf16 step at |y| in [4, 8) is 0.03
         assert got.shape == ref.shape and got.dtype == dtype
-        assert (got.float() - ref.float()).abs().max().item() < tol, (dtype, d, shape)
+        assert ((got.float() - ref.float()).abs() <= tol * (1 + ref.float().abs())).all(), (dtype, d, shape)
     monkeypatch.setattr(fused, "_layer_norm_kernel", None)  # launching it would fail
     x = torch.randn(fused.TORCH_NORM_ROWS[1], 96, generator=g).to(kernel_device, dtypes[0])
     norm = torch.nn.LayerNorm(96, device=kernel_device, dtype=dtypes[0])
