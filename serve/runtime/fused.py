@@ -664,9 +664,7 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
         or lo <= rows <= hi
     ):
         return norm(x)
-    x2 = x.reshape(-1, d)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(d)
     _layer_norm_kernel[(x2.shape[0],)](x2, norm.weight, norm.bias, y, d, norm.eps, x2.stride(0), y.stride(0),
@@ -675,10 +673,14 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
-def _common(x: torch.Tensor, w: Weights, norm: torch.nn.LayerNorm | None):
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, features] with unit stride along the features, as the kernels index it."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _common(x: torch.Tensor, w: Weights, norm: torch.nn.LayerNorm | None):
+    x2 = _rows(x)
     dummy = x2  # for pointers a kernel variant never reads
     s = w.scale if w.scale is not None else dummy
     pre = w.prequant if w.prequant is not None else dummy
