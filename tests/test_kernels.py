@@ -329,7 +329,7 @@ def test_fp16_decoder_linears_stay_on_the_kernel_up_to_64_rows(kernel_device, mo
 def test_split_k_matches_reference_and_resets_its_locks(fmt, kernel_device):
     """K split into slabs (the last one short, or empty) gives the one-slab result, every time it runs:
     the last program of each tile sums the partials and leaves the tile's lock at zero."""
-    from serve.runtime import fused
+    from serve.runtime import fused, kernels
 
     g = torch.Generator().manual_seed(2)
     dtype, tol = (torch.float16, 1e-2) if kernel_device == "cuda" else (torch.float32, 1e-5)
@@ -347,7 +347,7 @@ def test_split_k_matches_reference_and_resets_its_locks(fmt, kernel_device):
             got = fused.linear_triton(x, w, n, block_k=32, split_k=split, **kw)
             err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
             assert err < tol, (m, split, err)
-            assert not fused._locks(x.device).any()
+            assert not kernels.arrival_counters("split-K", x.device, fused.LOCKS).any()
 
 
 def test_split_k_refuses_more_tiles_than_locks(kernel_device, monkeypatch):

@@ -100,7 +100,6 @@ TORCH_NORM_ROWS = (NORM_FIRST_ROWS, 8)
 # The most programs a split-K linear launches (the H100 has 132 SMs)
 SPLIT_PROGRAMS = {FLOAT: 128, INT8: 128, INT4: 256}
 LOCKS = 4096  # output tiles a split-K launch may have: one arrival counter each
-_LOCKS: dict[torch.device, torch.Tensor] = {}
 ENABLED = os.environ.get("MT_FUSED", "1") != "0"
 
 
@@ -603,13 +602,6 @@ def _split_k(fmt: int, tiles: int, k: int, bk: int) -> int:
     return split
 
 
-def _locks(device: torch.device) -> torch.Tensor:
-    """Per-tile arrival counters of split-K launches; zero between launches (each resets its own)."""
-    if device not in _LOCKS:
-        _LOCKS[device] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
-    return _LOCKS[device]
-
-
 def _cap_k(bm: int, bn: int, bk: int, elem: int) -> int:
     """BLOCK_K (a power of two, so it still divides an int4 group) capped so that one pipeline stage
     of x and weight tiles fits 72 KiB of shared memory (three stages fit an H100's 227 KiB)."""
@@ -717,7 +709,8 @@ def linear_triton(x: torch.Tensor, w: Weights, n: int, bias: torch.Tensor | None
     fused_kv = kv is not None and kv.flat_heads()
     kp, vp, slots = (kv.k_pool, kv.v_pool, kv.slots) if fused_kv else (y, y, y)
     _linear_kernel[(*grid, split)](
-        x2, w.weight, s, pre, g, beta, bias if bias is not None else y, res, y, ws, _locks(x.device), kp, vp, slots,
+        x2, w.weight, s, pre, g, beta, bias if bias is not None else y, res, y, ws,
+        kernels.arrival_counters("split-K", x.device, LOCKS), kp, vp, slots,
         m, n, k, eps, x2.stride(0), wn, wk, sn, res.stride(0), y.stride(0), kp.stride(1) if fused_kv else 0,
         FMT=w.fmt, GROUP=w.group, HAS_LN=norm is not None, HAS_BIAS=bias is not None, ACT=ACT_CODES[act],
         HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn,

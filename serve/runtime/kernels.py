@@ -41,7 +41,7 @@ TWO_WARP_ROWS = 8  # query rows from which the attention kernel runs two warps a
 # round's loops spread by up to 14%). Four splits: self-attention 110 us, cross-attention no better, 64 clients 54 900.
 SPLITS = 2
 LOCKS = 8192  # (row, head) pairs a split launch may have: one arrival counter each
-_LOCKS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[tuple[str, torch.device], torch.Tensor] = {}
 EARLY_ALL, EARLY_OLD = 1, 2  # what the attention kernel reads before its predecessor ends (`paged_attention`)
 PDL = os.environ.get("MT_PDL", "1") != "0"
 
@@ -275,7 +275,8 @@ def paged_attention_triton(
     ws = torch.empty(n * heads * splits * (head_dim + 2) if splits > 1 else 1, dtype=torch.float32,
                      device=q.device)  # fmt: skip
     _paged_attention_kernel[(n, heads, splits)](
-        q, k_pool, v_pool, tables, lens, fresh_from if fresh_from is not None else lens, out, ws, _locks(q.device),
+        q, k_pool, v_pool, tables, lens, fresh_from if fresh_from is not None else lens, out, ws,
+        arrival_counters("attention", q.device, LOCKS),
         scale, q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), tables.stride(0),
         out.stride(0), out.stride(1), BLOCK_SIZE=k_pool.shape[1], HEAD_DIM=head_dim, CHUNK=chunk,
         EARLY=early, SPLITS=splits, num_warps=num_warps or (2 if n >= TWO_WARP_ROWS else 4),
@@ -284,11 +285,14 @@ def paged_attention_triton(
     return out
 
 
-def _locks(device: torch.device) -> torch.Tensor:
-    """Per-(row, head) arrival counters of split contexts; zero between launches (each resets its own)."""
-    if device not in _LOCKS:
-        _LOCKS[device] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
-    return _LOCKS[device]
+def arrival_counters(kind: str, device: torch.device, size: int) -> torch.Tensor:
+    """The arrival counters of one kind of split launch (split contexts here, split-K linears in `fused`), one
+    per unit of merged work, created with `size` on first use: the last program of a unit to count itself
+    merges the partials and resets its counter, so they are zero between launches. A CUDA graph holds the
+    table's address, so it is never replaced."""
+    if (kind, device) not in _COUNTERS:
+        _COUNTERS[kind, device] = torch.zeros(size, dtype=torch.int32, device=device)
+    return _COUNTERS[kind, device]
 
 
 def paged_attention(
